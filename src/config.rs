@@ -1,0 +1,243 @@
+//! Configuration: one TOML file, `MEMGATE__SECTION__KEY` environment overrides and
+//! a few command-line flags, in that order of precedence (flags win).
+//!
+//! Every section is a plain struct with `deny_unknown_fields`, so a typo fails at
+//! start-up instead of being silently ignored. Defaults are named constants whose
+//! comment gives the reason. [`Config::validate`] names the key in every error.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use bytesize::ByteSize;
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// Listen on every interface: in Kubernetes the kubelet and the Service dial the pod IP.
+pub const DEFAULT_GRPC_ADDR: &str = "0.0.0.0:50051";
+/// Relative to the working directory, so `cargo run -- serve` works out of the box.
+pub const DEFAULT_DATA_DIR: &str = "./data";
+/// Big enough for the 150 MB unary payloads memgate is built for, with headroom.
+pub const DEFAULT_MAX_MESSAGE_SIZE: ByteSize = ByteSize::mib(256);
+/// Large blobs are the point; the cap only stops a typo'd size from filling a disk.
+pub const DEFAULT_MAX_BLOB_SIZE: ByteSize = ByteSize::gib(64);
+/// 1 MiB messages keep per-message overhead negligible and the in-flight window small.
+pub const DEFAULT_READ_CHUNK_SIZE: ByteSize = ByteSize::mib(1);
+/// A day lets an interrupted client come back after a restart or a long outage.
+pub const DEFAULT_PARTIAL_UPLOAD_EXPIRY: Duration = Duration::from_secs(24 * 3600);
+/// Expiry is coarse; scanning the upload directory more often buys nothing.
+pub const DEFAULT_GC_INTERVAL: Duration = Duration::from_secs(600);
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub storage: StorageConfig,
+    pub log: LogConfig,
+    pub memory: crate::guard::MemoryConfig,
+}
+
+/// `[server]`: the gRPC listener.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address of the gRPC listener.
+    pub grpc_addr: SocketAddr,
+    /// Largest unary message (Process request or response) accepted.
+    pub max_message_size: ByteSize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            grpc_addr: DEFAULT_GRPC_ADDR.parse().expect("valid default address"),
+            max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+        }
+    }
+}
+
+/// `[storage]`: where blobs live and how they are streamed.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// Directory holding blobs and partial uploads.
+    pub data_dir: PathBuf,
+    /// Largest blob a client may write.
+    pub max_blob_size: ByteSize,
+    /// Size of each `ReadResponse` chunk.
+    pub read_chunk_size: ByteSize,
+    /// Partial uploads untouched for longer than this are deleted.
+    #[serde(with = "humantime_serde")]
+    pub partial_upload_expiry: Duration,
+    /// How often expired partial uploads are looked for.
+    #[serde(with = "humantime_serde")]
+    pub gc_interval: Duration,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from(DEFAULT_DATA_DIR),
+            max_blob_size: DEFAULT_MAX_BLOB_SIZE,
+            read_chunk_size: DEFAULT_READ_CHUNK_SIZE,
+            partial_upload_expiry: DEFAULT_PARTIAL_UPLOAD_EXPIRY,
+            gc_interval: DEFAULT_GC_INTERVAL,
+        }
+    }
+}
+
+/// `[log]`: level and format of the logs.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// A `tracing` filter (`info`, `memgate=debug,tower=warn`); `RUST_LOG` wins when set.
+    pub level: String,
+    /// `text` for a terminal, `json` for a log pipeline.
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Why a configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file or an environment variable could not be read or parsed.
+    #[error("{0}")]
+    Load(#[from] config::ConfigError),
+    /// A value parsed but is out of range.
+    #[error("invalid value for `{key}`: {problem}")]
+    Invalid { key: &'static str, problem: String },
+}
+
+impl ConfigError {
+    pub(crate) fn invalid(key: &'static str, problem: impl Into<String>) -> Self {
+        Self::Invalid {
+            key,
+            problem: problem.into(),
+        }
+    }
+}
+
+impl Config {
+    /// Loads the embedded defaults, then `file` (if any), then `MEMGATE__*` variables
+    /// from `env`, and validates the result.
+    pub fn load(
+        file: Option<&std::path::Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut builder = config::Config::builder();
+        if let Some(path) = file {
+            builder = builder.add_source(
+                config::File::from(path)
+                    .format(config::FileFormat::Toml)
+                    .required(true),
+            );
+        }
+        let env: config::Map<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("MEMGATE__"))
+            .collect();
+        builder = builder.add_source(
+            config::Environment::with_prefix("MEMGATE")
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(true)
+                .source(Some(env)),
+        );
+        let cfg: Config = builder.build()?.try_deserialize()?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks ranges and relations between values; the error names the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let s = &self.storage;
+        if self.server.max_message_size.as_u64() < 1024 {
+            return Err(ConfigError::invalid(
+                "server.max_message_size",
+                "must be at least 1KiB",
+            ));
+        }
+        if self.server.max_message_size.as_u64() > u32::MAX as u64 {
+            return Err(ConfigError::invalid(
+                "server.max_message_size",
+                "must be below 4GiB (the gRPC length prefix is 32 bits)",
+            ));
+        }
+        if s.read_chunk_size.as_u64() < 1024 || s.read_chunk_size.as_u64() > 16 * 1024 * 1024 {
+            return Err(ConfigError::invalid(
+                "storage.read_chunk_size",
+                "must be between 1KiB and 16MiB",
+            ));
+        }
+        if s.max_blob_size.as_u64() == 0 || s.max_blob_size.as_u64() > i64::MAX as u64 {
+            return Err(ConfigError::invalid(
+                "storage.max_blob_size",
+                "must be positive",
+            ));
+        }
+        if s.partial_upload_expiry.is_zero() {
+            return Err(ConfigError::invalid(
+                "storage.partial_upload_expiry",
+                "must be longer than 0s",
+            ));
+        }
+        if s.gc_interval.is_zero() {
+            return Err(ConfigError::invalid(
+                "storage.gc_interval",
+                "must be longer than 0s",
+            ));
+        }
+        if s.data_dir.as_os_str().is_empty() {
+            return Err(ConfigError::invalid(
+                "storage.data_dir",
+                "must not be empty",
+            ));
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            return Err(ConfigError::invalid("log.level", e.to_string()));
+        }
+        self.memory.validate()
+    }
+}
+
+/// Deserializes a [`ByteSize`] that may also be the word `auto` (returned as `None`).
+pub(crate) fn auto_or_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<ByteSize>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Num(u64),
+        Text(String),
+    }
+    match Raw::deserialize(d)? {
+        Raw::Num(n) => Ok(Some(ByteSize::b(n))),
+        Raw::Text(t) if t.trim().eq_ignore_ascii_case("auto") => Ok(None),
+        Raw::Text(t) => t.trim().parse::<ByteSize>().map(Some).map_err(|e| {
+            serde::de::Error::custom(format!("expected `auto` or a size like \"512MiB\": {e}"))
+        }),
+    }
+}
+
+/// Serializes the counterpart of [`auto_or_size`].
+pub(crate) fn serialize_auto_or_size<S: serde::Serializer>(
+    v: &Option<ByteSize>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match v {
+        None => s.serialize_str("auto"),
+        Some(b) => s.serialize_str(&b.display().iec_short().to_string()),
+    }
+}

@@ -1,0 +1,6 @@
+//! memgate: a gRPC server for large payloads that streams every byte, knows its
+//! cgroup memory limit and admits work only when the memory it needs fits.
+
+pub mod config;
+pub mod guard;
+pub mod proto;
