@@ -1,6 +1,11 @@
 //! memgate: a gRPC server for large payloads that streams every byte, knows its
 //! cgroup memory limit and admits work only when the memory it needs fits.
 
+pub mod api;
+pub mod cli;
+pub mod client;
 pub mod config;
 pub mod guard;
 pub mod proto;
+pub mod server;
+pub mod store;

@@ -1,0 +1,119 @@
+//! `google.bytestream.ByteStream` over the blob store. Every direction streams:
+//! Write hands each chunk to the store as it arrives, Read sends chunks as the
+//! disk produces them, and neither ever holds a whole blob.
+
+use std::pin::Pin;
+
+use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
+use tonic::{Request, Response, Status, Streaming};
+
+use super::resource::{parse_read_name, parse_write_name};
+use crate::proto::bytestream::{
+    QueryWriteStatusRequest, QueryWriteStatusResponse, ReadRequest, ReadResponse, WriteRequest,
+    WriteResponse, byte_stream_server::ByteStream,
+};
+use crate::store::{LocalStore, StoreError};
+
+/// Largest single `WriteRequest` accepted. Clients send 16 KiB to 1 MiB chunks; the
+/// cap bounds each stream's decode buffer, which the guard reserves for.
+pub const MAX_STREAM_MESSAGE: usize = 4 * 1024 * 1024;
+
+/// The ByteStream service.
+#[derive(Clone)]
+pub struct ByteStreamService {
+    store: LocalStore,
+    read_chunk: usize,
+}
+
+impl ByteStreamService {
+    pub fn new(store: LocalStore, read_chunk: usize) -> Self {
+        Self { store, read_chunk }
+    }
+}
+
+type ReadStream = Pin<Box<dyn Stream<Item = Result<ReadResponse, Status>> + Send>>;
+
+fn non_negative(value: i64, field: &str) -> Result<u64, Status> {
+    u64::try_from(value).map_err(|_| Status::invalid_argument(format!("{field} must not be negative, got {value}")))
+}
+
+#[tonic::async_trait]
+impl ByteStream for ByteStreamService {
+    type ReadStream = ReadStream;
+
+    async fn read(&self, request: Request<ReadRequest>) -> Result<Response<ReadStream>, Status> {
+        let req = request.into_inner();
+        let name = parse_read_name(&req.resource_name)?;
+        let offset = non_negative(req.read_offset, "read_offset")?;
+        let limit = non_negative(req.read_limit, "read_limit")?;
+        let rx = self.store.read(&name.digest, offset, limit, self.read_chunk).await?;
+        let stream = ReceiverStream::new(rx).map(|chunk| chunk.map(|data| ReadResponse { data }).map_err(Status::from));
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn write(&self, request: Request<Streaming<WriteRequest>>) -> Result<Response<WriteResponse>, Status> {
+        let mut stream = request.into_inner();
+        let Some(mut msg) = stream.message().await? else {
+            return Err(Status::invalid_argument("Write stream ended before its first message"));
+        };
+        let resource = std::mem::take(&mut msg.resource_name);
+        let name = parse_write_name(&resource)?;
+        self.store.check_size(name.digest.size)?;
+        let size = name.digest.size as i64;
+        if self.store.contains(&name.digest).await? {
+            // Already stored: succeed at once without reading (or storing) it again.
+            return Ok(Response::new(WriteResponse { committed_size: size }));
+        }
+        let offset = non_negative(msg.write_offset, "write_offset")?;
+        let mut upload = self.store.begin_write(&name, offset).await?;
+        loop {
+            if !msg.resource_name.is_empty() && msg.resource_name != resource {
+                return Err(Status::invalid_argument(format!(
+                    "resource_name changed mid-stream: {:?} after {resource:?}",
+                    msg.resource_name
+                )));
+            }
+            if msg.write_offset != upload.offset() as i64 {
+                return Err(StoreError::WrongOffset {
+                    expected: upload.offset(),
+                    got: msg.write_offset.max(0) as u64,
+                }
+                .into());
+            }
+            upload.write(msg.data).await?;
+            if msg.finish_write {
+                let committed = upload.finish().await?;
+                return Ok(Response::new(WriteResponse {
+                    committed_size: committed as i64,
+                }));
+            }
+            match stream.message().await {
+                Ok(Some(next)) => msg = next,
+                // Half-closed without finish_write: a deliberate pause, resumable later.
+                Ok(None) => {
+                    let committed = upload.suspend().await?;
+                    return Ok(Response::new(WriteResponse {
+                        committed_size: committed as i64,
+                    }));
+                }
+                Err(status) => {
+                    // The client went away or sent garbage: keep what arrived, durably.
+                    let _ = upload.suspend().await;
+                    return Err(status);
+                }
+            }
+        }
+    }
+
+    async fn query_write_status(
+        &self,
+        request: Request<QueryWriteStatusRequest>,
+    ) -> Result<Response<QueryWriteStatusResponse>, Status> {
+        let name = parse_write_name(&request.get_ref().resource_name)?;
+        let (committed, complete) = self.store.query_write_status(&name).await?;
+        Ok(Response::new(QueryWriteStatusResponse {
+            committed_size: committed as i64,
+            complete,
+        }))
+    }
+}

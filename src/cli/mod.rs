@@ -1,0 +1,152 @@
+//! The `memgate` command line: `serve`, the client commands, and `limits`.
+
+mod logging;
+
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use crate::config::{Config, LogFormat};
+
+#[derive(Parser, Debug)]
+#[command(name = "memgate", version, about = "A gRPC server for large payloads that is never OOM-killed")]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the server.
+    Serve(ServeArgs),
+    /// Upload a file with ByteStream/Write; prints the blob's read name.
+    Upload {
+        file: PathBuf,
+        /// Continue an interrupted upload of the same file.
+        #[arg(long)]
+        resume: bool,
+        #[arg(long, default_value = DEFAULT_ADDR)]
+        addr: String,
+    },
+    /// Download `blobs/{sha256}/{size}` with ByteStream/Read and verify its digest.
+    Download {
+        name: String,
+        #[arg(short, long)]
+        output: PathBuf,
+        #[arg(long, default_value = DEFAULT_ADDR)]
+        addr: String,
+    },
+    /// Send a file to Payload/Process in one message; prints its SHA-256 and size.
+    Process {
+        file: PathBuf,
+        /// Ask for the payload back, and check it.
+        #[arg(long)]
+        echo: bool,
+        #[arg(long, default_value = DEFAULT_ADDR)]
+        addr: String,
+    },
+}
+
+const DEFAULT_ADDR: &str = "http://127.0.0.1:50051";
+
+#[derive(clap::Args, Debug)]
+struct ServeArgs {
+    /// TOML configuration file; `MEMGATE__SECTION__KEY` variables override it.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// gRPC listen address (overrides `server.grpc_addr`).
+    #[arg(long)]
+    grpc_addr: Option<SocketAddr>,
+    /// Data directory (overrides `storage.data_dir`).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Log format (overrides `log.format`).
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormat>,
+}
+
+/// Loads the configuration `serve` would run with.
+fn load_config(args: &ServeArgs) -> anyhow::Result<Config> {
+    let mut cfg = Config::load(args.config.as_deref(), std::env::vars())?;
+    if let Some(a) = args.grpc_addr {
+        cfg.server.grpc_addr = a;
+    }
+    if let Some(d) = &args.data_dir {
+        cfg.storage.data_dir = d.clone();
+    }
+    if let Some(f) = args.log_format {
+        cfg.log.format = f;
+    }
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// Runs the command line; errors are printed as one line.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("memgate: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("memgate: error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(args) => {
+            let cfg = load_config(&args)?;
+            logging::init(&cfg.log)?;
+            let listener = tokio::net::TcpListener::bind(cfg.server.grpc_addr)
+                .await
+                .with_context(|| format!("cannot listen on {}", cfg.server.grpc_addr))?;
+            crate::server::serve(&cfg, listener, shutdown_signal()).await
+        }
+        Command::Upload { file, resume, addr } => {
+            let channel = crate::client::connect(&addr).await?;
+            let bar = crate::client::progress(0, "upload");
+            let name = crate::client::upload(channel, &file, resume, &bar).await?;
+            println!("{name}");
+            Ok(())
+        }
+        Command::Download { name, output, addr } => {
+            let channel = crate::client::connect(&addr).await?;
+            let bar = crate::client::progress(0, "download");
+            let d = crate::client::download(channel, &name, &output, &bar).await?;
+            println!("{} {}", d.hex(), d.size);
+            Ok(())
+        }
+        Command::Process { file, echo, addr } => {
+            let data = tokio::fs::read(&file)
+                .await
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            let data = bytes::Bytes::from(data);
+            let channel = crate::client::connect(&addr).await?;
+            let resp = crate::client::process(channel, data.clone(), echo).await?;
+            if echo && resp.data != data {
+                anyhow::bail!("echoed data differs from what was sent");
+            }
+            println!("{} {}", resp.sha256, resp.size);
+            Ok(())
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received, shutting down"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received, shutting down"),
+    }
+}
