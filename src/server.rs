@@ -7,10 +7,18 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::codec::CompressionEncoding;
 
-use crate::api::{ByteStreamService, PayloadService, access_log::AccessLogLayer, bytestream::MAX_STREAM_MESSAGE};
+use crate::api::{
+    ByteStreamService, PayloadService, access_log::AccessLogLayer, bytestream::MAX_STREAM_MESSAGE,
+};
 use crate::config::Config;
+use crate::guard::{
+    Guard,
+    discover::Roots,
+    estimate::{Estimate, MethodTable},
+};
 use crate::proto::{
-    FILE_DESCRIPTOR_SET, bytestream::byte_stream_server::ByteStreamServer, memgate_v1::payload_server::PayloadServer,
+    FILE_DESCRIPTOR_SET, bytestream::byte_stream_server::ByteStreamServer,
+    memgate_v1::payload_server::PayloadServer,
 };
 use crate::store::{LocalStore, spawn_gc};
 
@@ -25,14 +33,70 @@ pub const MAX_CONCURRENT_STREAMS: u32 = 64;
 /// up the connection window that admitted streams need: no head-of-line stall.
 pub const CONNECTION_WINDOW: u32 = STREAM_WINDOW * MAX_CONCURRENT_STREAMS;
 
+/// Chunks a Write stream may hold at once: one being decoded, one being written,
+/// and the store's queue of two. Each is at most [`MAX_STREAM_MESSAGE`].
+const WRITE_CHUNKS_IN_FLIGHT: u64 = 4;
+/// A unary call's fixed costs besides its message: headers, the response, tonic's
+/// first decode buffer.
+const UNARY_OVERHEAD: u64 = 256 * 1024;
+/// Calls without a message of note (QueryWriteStatus, unknown methods).
+const SMALL_CALL: u64 = 64 * 1024;
+
+/// What each memgate method reserves; see [`Estimate`].
+pub fn method_table(cfg: &Config) -> MethodTable {
+    let window = STREAM_WINDOW as u64;
+    let read_chunk = cfg.storage.read_chunk_size.as_u64();
+    let max_message = cfg.server.max_message_size.as_u64();
+    MethodTable::new(Estimate::Fixed(SMALL_CALL))
+        // The HTTP/2 window hyper may buffer plus the chunks in flight: never the blob size.
+        .method(
+            "/google.bytestream.ByteStream/Write",
+            Estimate::Fixed(window + WRITE_CHUNKS_IN_FLIGHT * MAX_STREAM_MESSAGE as u64),
+        )
+        // The store's read-ahead (two chunks), one being encoded, and the send window.
+        .method(
+            "/google.bytestream.ByteStream/Read",
+            Estimate::Fixed(window + 4 * read_chunk),
+        )
+        .method(
+            "/google.bytestream.ByteStream/QueryWriteStatus",
+            Estimate::Fixed(SMALL_CALL),
+        )
+        // One copy: `bytes` fields share the decode buffer. An echo grows the
+        // reservation by one more copy in the handler, once it knows.
+        .method(
+            "/memgate.v1.Payload/Process",
+            Estimate::Unary {
+                copies: 1,
+                overhead: UNARY_OVERHEAD,
+                compressed: max_message,
+            },
+        )
+}
+
 /// Serves memgate on `listener` until `shutdown` resolves; in-flight calls then finish.
 pub async fn serve(
     cfg: &Config,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let guard = Guard::start(cfg.memory.clone(), Roots::default(), STREAM_WINDOW as u64).await;
+    serve_with_guard(cfg, guard, listener, shutdown).await
+}
+
+/// [`serve`] with a guard the caller started (and may inspect).
+pub async fn serve_with_guard(
+    cfg: &Config,
+    guard: Guard,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let store = LocalStore::open(&cfg.storage)?;
-    let _gc = spawn_gc(&store, cfg.storage.gc_interval, cfg.storage.partial_upload_expiry);
+    let _gc = spawn_gc(
+        &store,
+        cfg.storage.gc_interval,
+        cfg.storage.partial_upload_expiry,
+    );
     let max_message = cfg.server.max_message_size.as_u64() as usize;
 
     let bytestream = ByteStreamServer::new(ByteStreamService::new(
@@ -50,14 +114,31 @@ pub async fn serve(
         .build_v1()?;
 
     let addr = listener.local_addr()?;
-    tracing::info!(grpc_addr = %addr, data_dir = %cfg.storage.data_dir.display(), "listening");
+    let snap = guard.snapshot();
+    let view = guard.view();
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        grpc_addr = %addr,
+        data_dir = %cfg.storage.data_dir.display(),
+        guard = if cfg.memory.enabled { "on" } else { "off" },
+        limit = snap.limit.bytes,
+        limit_source = %snap.limit.source,
+        budget = view.budget,
+        working_set = snap.working_set,
+        "listening"
+    );
+    let layers = tower::ServiceBuilder::new()
+        // Outermost: logs every call, including ones the guard turns away.
+        .layer(AccessLogLayer)
+        // Before tonic decodes anything: reserve the call's memory or reject it.
+        .layer(guard.layer(method_table(cfg)))
+        .into_inner();
     tonic::transport::Server::builder()
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
         .http2_adaptive_window(Some(false))
-        // Outermost: logs every call, including ones the guard turns away.
-        .layer(AccessLogLayer)
+        .layer(layers)
         .add_service(bytestream)
         .add_service(payload)
         .add_service(reflection)

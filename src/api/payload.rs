@@ -5,6 +5,7 @@
 use sha2::{Digest as _, Sha256};
 use tonic::{Request, Response, Status};
 
+use crate::guard::Reservation;
 use crate::proto::memgate_v1::{ProcessRequest, ProcessResponse, payload_server::Payload};
 
 /// The Payload service.
@@ -13,8 +14,16 @@ pub struct PayloadService;
 
 #[tonic::async_trait]
 impl Payload for PayloadService {
-    async fn process(&self, request: Request<ProcessRequest>) -> Result<Response<ProcessResponse>, Status> {
+    async fn process(
+        &self,
+        request: Request<ProcessRequest>,
+    ) -> Result<Response<ProcessResponse>, Status> {
+        let reservation = request.extensions().get::<Reservation>().cloned();
         let ProcessRequest { data, echo } = request.into_inner();
+        if echo && let Some(r) = reservation {
+            // The echo is encoded into a second buffer as large as the payload.
+            r.grow(data.len() as u64).await?;
+        }
         let shared = data.clone();
         // Hashing 150 MB takes a few hundred ms: keep it off the async workers.
         let hash = tokio::task::spawn_blocking(move || Sha256::digest(&shared))

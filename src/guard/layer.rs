@@ -1,0 +1,260 @@
+//! The admission layer: a tower layer in front of tonic's routes. For each call
+//! it decides what memory the call needs (before tonic allocates anything: for a
+//! unary call it reads the 5-byte length prefix first), takes a [`Permit`] for it
+//! from the budget, waiting briefly in the queue if needed, and rejects with
+//! `RESOURCE_EXHAUSTED` and a `grpc-retry-pushback-ms` trailer (gRFC A6) when
+//! the memory does not come. The permit rides on the response body and is
+//! released when the call ends in any way. Health checks bypass all of it.
+
+use std::{
+    pin::Pin,
+    sync::{Arc, Mutex},
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+
+use tonic::{Status, body::Body};
+use tower::{Layer, Service};
+
+use super::{
+    Guard,
+    body::{Holding, Replay, first_bytes, read_ahead},
+    budget::{self, Permit, Rejection},
+    estimate::{Estimate, Estimator, parse_grpc_timeout, parse_prefix},
+};
+
+/// Told about every admission decision (metrics). Methods are bounded labels.
+pub trait AdmissionObserver: Send + Sync + 'static {
+    fn admitted(&self, _method: &'static str, _bytes: u64, _waited: Option<Duration>) {}
+    fn queued(&self, _method: &'static str) {}
+    fn rejected(&self, _method: &'static str, _reason: &'static str) {}
+}
+
+/// An observer that ignores everything.
+pub struct NoObserver;
+impl AdmissionObserver for NoObserver {}
+
+/// A deadline is cut this much short so the rejection reaches the client in time.
+const DEADLINE_MARGIN: Duration = Duration::from_millis(50);
+
+/// The call's reservation, reachable by the handler through the request
+/// extensions, so a handler that learns it needs more (an echo) can grow it.
+#[derive(Clone)]
+pub struct Reservation {
+    permit: Arc<Mutex<Permit>>,
+    guard: Guard,
+    deadline: Option<Instant>,
+    method: &'static str,
+}
+
+impl Reservation {
+    /// Bytes held.
+    pub fn bytes(&self) -> u64 {
+        self.permit
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .bytes()
+    }
+
+    /// Reserves `extra` bytes more, waiting like a new call would.
+    pub async fn grow(&self, extra: u64) -> Result<(), Status> {
+        let wait = max_wait(&self.guard, self.deadline);
+        let holds = self.bytes();
+        let admission = self.guard.budget().try_grow(holds, extra);
+        match decide(&self.guard, self.method, extra, admission, wait).await {
+            Ok(more) => {
+                self.permit
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .absorb(more);
+                Ok(())
+            }
+            Err(rejection) => Err(rejection_status(&self.guard, &rejection)),
+        }
+    }
+}
+
+/// Adds admission control to a service. See the module docs.
+#[derive(Clone)]
+pub struct AdmissionLayer<E> {
+    guard: Guard,
+    estimator: E,
+}
+
+impl<E> AdmissionLayer<E> {
+    pub fn new(guard: Guard, estimator: E) -> Self {
+        Self { guard, estimator }
+    }
+}
+
+impl<S, E: Clone> Layer<S> for AdmissionLayer<E> {
+    type Service = AdmissionService<S, E>;
+    fn layer(&self, inner: S) -> Self::Service {
+        AdmissionService {
+            inner,
+            guard: self.guard.clone(),
+            estimator: self.estimator.clone(),
+        }
+    }
+}
+
+/// See [`AdmissionLayer`].
+#[derive(Clone)]
+pub struct AdmissionService<S, E> {
+    inner: S,
+    guard: Guard,
+    estimator: E,
+}
+
+type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
+
+impl<S, E, ResBody> Service<http::Request<Body>> for AdmissionService<S, E>
+where
+    S: Service<http::Request<Body>, Response = http::Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    E: Estimator,
+    ResBody: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    ResBody::Error: Into<tonic::codegen::StdError>,
+{
+    type Response = http::Response<Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<Self::Response, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+        // The clone that was polled ready serves this call (tower's usual dance).
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let class = self.estimator.classify(req.uri().path());
+        if class.estimate == Estimate::Bypass || !self.guard.enabled() {
+            let fut = inner.call(req);
+            return Box::pin(async move { Ok(fut.await?.map(Body::new)) });
+        }
+        let guard = self.guard.clone();
+        Box::pin(async move {
+            let deadline = req
+                .headers()
+                .get("grpc-timeout")
+                .and_then(|v| v.to_str().ok())
+                .and_then(parse_grpc_timeout)
+                .map(|t| Instant::now() + t);
+            let (bytes, req) = match class.estimate {
+                Estimate::Fixed(n) => (n, req),
+                Estimate::Unary {
+                    copies,
+                    overhead,
+                    compressed,
+                } => {
+                    let (parts, mut body) = req.into_parts();
+                    let (ahead, ended) = match read_ahead(&mut body, 5).await {
+                        Ok(r) => r,
+                        Err(e) => {
+                            return Ok(
+                                Status::cancelled(format!("request body failed: {e}")).into_http()
+                            );
+                        }
+                    };
+                    let bytes = parse_prefix(&first_bytes(&ahead, 5)).map_or(overhead, |p| {
+                        Estimate::for_prefix(copies, overhead, compressed, p)
+                    });
+                    let body = Body::new(Replay::new(ahead, body, ended));
+                    (bytes, http::Request::from_parts(parts, body))
+                }
+                Estimate::Bypass => unreachable!("handled above"),
+            };
+            let permit =
+                match acquire(&guard, class.method, bytes, max_wait(&guard, deadline)).await {
+                    Ok(p) => p,
+                    Err(rejection) => return Ok(rejection_status(&guard, &rejection).into_http()),
+                };
+            let reservation = Reservation {
+                permit: Arc::new(Mutex::new(permit)),
+                guard,
+                deadline,
+                method: class.method,
+            };
+            let mut req = req;
+            req.extensions_mut().insert(reservation.clone());
+            let resp = inner.call(req).await?;
+            Ok(resp.map(|b| Body::new(Holding::new(b, reservation))))
+        })
+    }
+}
+
+/// How long a call may wait: the queue timeout, cut to its own deadline.
+fn max_wait(guard: &Guard, deadline: Option<Instant>) -> Duration {
+    let queue = guard.settings().queue_timeout;
+    match deadline {
+        Some(d) => queue.min(
+            d.saturating_duration_since(Instant::now())
+                .saturating_sub(DEADLINE_MARGIN),
+        ),
+        None => queue,
+    }
+}
+
+async fn acquire(
+    guard: &Guard,
+    method: &'static str,
+    bytes: u64,
+    wait: Duration,
+) -> Result<Permit, Rejection> {
+    decide(
+        guard,
+        method,
+        bytes,
+        guard.budget().try_acquire(bytes),
+        wait,
+    )
+    .await
+}
+
+/// Waits out a queued admission and tells the observer how it went.
+async fn decide(
+    guard: &Guard,
+    method: &'static str,
+    bytes: u64,
+    admission: Result<budget::Admission, Rejection>,
+    wait: Duration,
+) -> Result<Permit, Rejection> {
+    let observer = guard.observer();
+    let result = match admission {
+        Ok(budget::Admission::Now(p)) => {
+            observer.admitted(method, bytes, None);
+            return Ok(p);
+        }
+        Ok(budget::Admission::Queued(ticket)) => {
+            observer.queued(method);
+            let start = Instant::now();
+            let r = ticket.wait(wait).await;
+            if r.is_ok() {
+                observer.admitted(method, bytes, Some(start.elapsed()));
+            }
+            r
+        }
+        Err(e) => Err(e),
+    };
+    if let Err(rejection) = &result {
+        observer.rejected(method, rejection.reason());
+        tracing::debug!(method, bytes, %rejection, "call rejected");
+    }
+    result
+}
+
+/// `RESOURCE_EXHAUSTED` with the numbers and a pushback: negative (do not retry)
+/// for a call that can never fit.
+pub fn rejection_status(guard: &Guard, rejection: &Rejection) -> Status {
+    let pushback = match rejection {
+        Rejection::NeverFits { .. } => -1,
+        Rejection::Busy { .. } => guard.budget().pushback().as_millis() as i64,
+    };
+    let mut status = Status::resource_exhausted(rejection.to_string());
+    if let Ok(v) = pushback.to_string().parse() {
+        status.metadata_mut().insert("grpc-retry-pushback-ms", v);
+    }
+    status
+}
