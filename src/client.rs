@@ -46,9 +46,11 @@ pub fn progress(len: u64, what: &str) -> ProgressBar {
     }
     let bar = ProgressBar::new(len);
     bar.set_style(
-        ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}")
-            .expect("valid template")
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{msg} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
     );
     bar.set_message(what.to_string());
     bar
@@ -56,7 +58,8 @@ pub fn progress(len: u64, what: &str) -> ProgressBar {
 
 /// SHA-256 and size of a file, read in 1 MiB pieces.
 pub fn digest_file(path: &Path) -> anyhow::Result<Digest> {
-    let mut file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut file =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut size = 0u64;
@@ -76,7 +79,10 @@ pub fn digest_file(path: &Path) -> anyhow::Result<Digest> {
 
 /// The upload id a resumable upload of `digest` uses, the same on every run.
 pub fn stable_upload_id(digest: &Digest) -> String {
-    let h = Sha256::new().chain_update(b"memgate-upload\0").chain_update(digest.hash).finalize();
+    let h = Sha256::new()
+        .chain_update(b"memgate-upload\0")
+        .chain_update(digest.hash)
+        .finalize();
     uuid::Builder::from_random_bytes(h[..16].try_into().expect("16 bytes"))
         .into_uuid()
         .to_string()
@@ -84,7 +90,12 @@ pub fn stable_upload_id(digest: &Digest) -> String {
 
 /// Uploads `path`; returns the blob's read name. With `resume`, an interrupted
 /// earlier upload of the same content continues where the server's copy ends.
-pub async fn upload(channel: Channel, path: &Path, resume: bool, bar: &ProgressBar) -> anyhow::Result<String> {
+pub async fn upload(
+    channel: Channel,
+    path: &Path,
+    resume: bool,
+    bar: &ProgressBar,
+) -> anyhow::Result<String> {
     let p = path.to_path_buf();
     let digest = tokio::task::spawn_blocking(move || digest_file(&p)).await??;
     let mut client = ByteStreamClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
@@ -161,7 +172,10 @@ pub async fn upload(channel: Channel, path: &Path, resume: bool, bar: &ProgressB
     if let Ok(e) = err_rx.try_recv() {
         return Err(e);
     }
-    let committed = result.with_context(|| format!("upload of {} failed", path.display()))?.into_inner().committed_size;
+    let committed = result
+        .with_context(|| format!("upload of {} failed", path.display()))?
+        .into_inner()
+        .committed_size;
     if committed as u64 != digest.size {
         bail!("server committed {committed} of {} bytes", digest.size);
     }
@@ -171,7 +185,12 @@ pub async fn upload(channel: Channel, path: &Path, resume: bool, bar: &ProgressB
 
 /// Downloads blob `name` into `out` (via a temporary file renamed at the end) and
 /// verifies its digest.
-pub async fn download(channel: Channel, name: &str, out: &Path, bar: &ProgressBar) -> anyhow::Result<Digest> {
+pub async fn download(
+    channel: Channel,
+    name: &str,
+    out: &Path,
+    bar: &ProgressBar,
+) -> anyhow::Result<Digest> {
     let parsed = parse_read_name(name)?;
     bar.set_length(parsed.digest.size);
     let mut client = ByteStreamClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
@@ -185,7 +204,8 @@ pub async fn download(channel: Channel, name: &str, out: &Path, bar: &ProgressBa
         .with_context(|| format!("download of {name} failed"))?
         .into_inner();
     let tmp = temp_path(out);
-    let mut file = std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    let mut file =
+        std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
     let mut hasher = Sha256::new();
     let mut size = 0u64;
     let result: anyhow::Result<()> = async {
@@ -223,9 +243,16 @@ fn temp_path(out: &Path) -> PathBuf {
 }
 
 /// Sends `data` to Payload/Process in one message.
-pub async fn process(channel: Channel, data: Bytes, echo: bool) -> Result<ProcessResponse, tonic::Status> {
+pub async fn process(
+    channel: Channel,
+    data: Bytes,
+    echo: bool,
+) -> Result<ProcessResponse, tonic::Status> {
     let mut client = PayloadClient::new(channel)
         .max_encoding_message_size(usize::MAX)
         .max_decoding_message_size(usize::MAX);
-    Ok(client.process(ProcessRequest { data, echo }).await?.into_inner())
+    Ok(client
+        .process(ProcessRequest { data, echo })
+        .await?
+        .into_inner())
 }

@@ -34,7 +34,8 @@ impl ByteStreamService {
 type ReadStream = Pin<Box<dyn Stream<Item = Result<ReadResponse, Status>> + Send>>;
 
 fn non_negative(value: i64, field: &str) -> Result<u64, Status> {
-    u64::try_from(value).map_err(|_| Status::invalid_argument(format!("{field} must not be negative, got {value}")))
+    u64::try_from(value)
+        .map_err(|_| Status::invalid_argument(format!("{field} must not be negative, got {value}")))
 }
 
 #[tonic::async_trait]
@@ -46,15 +47,27 @@ impl ByteStream for ByteStreamService {
         let name = parse_read_name(&req.resource_name)?;
         let offset = non_negative(req.read_offset, "read_offset")?;
         let limit = non_negative(req.read_limit, "read_limit")?;
-        let rx = self.store.read(&name.digest, offset, limit, self.read_chunk).await?;
-        let stream = ReceiverStream::new(rx).map(|chunk| chunk.map(|data| ReadResponse { data }).map_err(Status::from));
+        let rx = self
+            .store
+            .read(&name.digest, offset, limit, self.read_chunk)
+            .await?;
+        let stream = ReceiverStream::new(rx).map(|chunk| {
+            chunk
+                .map(|data| ReadResponse { data })
+                .map_err(Status::from)
+        });
         Ok(Response::new(Box::pin(stream)))
     }
 
-    async fn write(&self, request: Request<Streaming<WriteRequest>>) -> Result<Response<WriteResponse>, Status> {
+    async fn write(
+        &self,
+        request: Request<Streaming<WriteRequest>>,
+    ) -> Result<Response<WriteResponse>, Status> {
         let mut stream = request.into_inner();
         let Some(mut msg) = stream.message().await? else {
-            return Err(Status::invalid_argument("Write stream ended before its first message"));
+            return Err(Status::invalid_argument(
+                "Write stream ended before its first message",
+            ));
         };
         let resource = std::mem::take(&mut msg.resource_name);
         let name = parse_write_name(&resource)?;
@@ -62,7 +75,9 @@ impl ByteStream for ByteStreamService {
         let size = name.digest.size as i64;
         if self.store.contains(&name.digest).await? {
             // Already stored: succeed at once without reading (or storing) it again.
-            return Ok(Response::new(WriteResponse { committed_size: size }));
+            return Ok(Response::new(WriteResponse {
+                committed_size: size,
+            }));
         }
         let offset = non_negative(msg.write_offset, "write_offset")?;
         let mut upload = self.store.begin_write(&name, offset).await?;

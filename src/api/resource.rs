@@ -52,7 +52,10 @@ pub enum NameError {
     #[error("resource name {0:?} is longer than {MAX_NAME_LEN} bytes")]
     TooLong(usize),
     #[error("resource name {name:?} does not match `{expected}`")]
-    Shape { name: String, expected: &'static str },
+    Shape {
+        name: String,
+        expected: &'static str,
+    },
     #[error("{0:?} is not a SHA-256 hash (64 lowercase hex digits)")]
     Hash(String),
     #[error("{0:?} is not a size in bytes (a non-negative decimal integer)")]
@@ -92,7 +95,12 @@ pub fn parse_write_name(name: &str) -> Result<WriteName, NameError> {
         _ => return Err(shape(name, WRITE_SHAPE)),
     };
     let uuid = rest[0];
-    if uuid.is_empty() || uuid.len() > 128 || !uuid.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+    if uuid.is_empty()
+        || uuid.len() > 128
+        || !uuid
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
         return Err(NameError::Uuid(uuid.to_string()));
     }
     Ok(WriteName {
@@ -124,8 +132,13 @@ fn instance(s: &str) -> Result<String, NameError> {
         && s.len() <= 128
         && s != "."
         && s != ".."
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
-    if ok { Ok(s.to_string()) } else { Err(NameError::Instance(s.to_string())) }
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err(NameError::Instance(s.to_string()))
+    }
 }
 
 fn digest(hash: &str, size: &str) -> Result<Digest, NameError> {
@@ -138,7 +151,9 @@ fn digest(hash: &str, size: &str) -> Result<Digest, NameError> {
     if size.is_empty() || size.len() > 19 || !size.bytes().all(|b| b.is_ascii_digit()) {
         return Err(NameError::Size(size.to_string()));
     }
-    let size: u64 = size.parse().map_err(|_| NameError::Size(size.to_string()))?;
+    let size: u64 = size
+        .parse()
+        .map_err(|_| NameError::Size(size.to_string()))?;
     if size > i64::MAX as u64 {
         return Err(NameError::Size(size.to_string()));
     }
@@ -164,18 +179,36 @@ mod tests {
 
         let bad: &[(String, fn(&NameError) -> bool)] = &[
             (String::new(), |e| matches!(e, NameError::Empty)),
-            (format!("blob/{H}/1"), |e| matches!(e, NameError::Shape { .. })),
-            (format!("blobs/{H}"), |e| matches!(e, NameError::Shape { .. })),
-            (format!("a/b/blobs/{H}/1"), |e| matches!(e, NameError::Shape { .. })),
-            (format!("blobs/{}/1", H.to_uppercase()), |e| matches!(e, NameError::Hash(_))),
-            (format!("blobs/{}/1", &H[1..]), |e| matches!(e, NameError::Hash(_))),
+            (format!("blob/{H}/1"), |e| {
+                matches!(e, NameError::Shape { .. })
+            }),
+            (format!("blobs/{H}"), |e| {
+                matches!(e, NameError::Shape { .. })
+            }),
+            (format!("a/b/blobs/{H}/1"), |e| {
+                matches!(e, NameError::Shape { .. })
+            }),
+            (format!("blobs/{}/1", H.to_uppercase()), |e| {
+                matches!(e, NameError::Hash(_))
+            }),
+            (format!("blobs/{}/1", &H[1..]), |e| {
+                matches!(e, NameError::Hash(_))
+            }),
             (format!("blobs/{H}/-1"), |e| matches!(e, NameError::Size(_))),
             (format!("blobs/{H}/+1"), |e| matches!(e, NameError::Size(_))),
             (format!("blobs/{H}/ 1"), |e| matches!(e, NameError::Size(_))),
-            (format!("blobs/{H}/99999999999999999999"), |e| matches!(e, NameError::Size(_))),
-            (format!("blobs/{H}/9223372036854775808"), |e| matches!(e, NameError::Size(_))),
-            (format!("../blobs/{H}/1"), |e| matches!(e, NameError::Instance(_))),
-            ("x".repeat(MAX_NAME_LEN + 1), |e| matches!(e, NameError::TooLong(_))),
+            (format!("blobs/{H}/99999999999999999999"), |e| {
+                matches!(e, NameError::Size(_))
+            }),
+            (format!("blobs/{H}/9223372036854775808"), |e| {
+                matches!(e, NameError::Size(_))
+            }),
+            (format!("../blobs/{H}/1"), |e| {
+                matches!(e, NameError::Instance(_))
+            }),
+            ("x".repeat(MAX_NAME_LEN + 1), |e| {
+                matches!(e, NameError::TooLong(_))
+            }),
         ];
         for (name, want) in bad {
             let err = parse_read_name(name).unwrap_err();
@@ -195,7 +228,10 @@ mod tests {
             format!("uploads/../blobs/{H}/7"),
             format!("uploads/a.b/blobs/{H}/7"),
         ] {
-            assert!(matches!(parse_write_name(&name), Err(NameError::Uuid(_))), "{name}");
+            assert!(
+                matches!(parse_write_name(&name), Err(NameError::Uuid(_))),
+                "{name}"
+            );
         }
         assert!(matches!(
             parse_write_name(&format!("blobs/{H}/7")),

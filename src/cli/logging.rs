@@ -7,13 +7,19 @@ use crate::config::{LogConfig, LogFormat};
 
 pub fn init(cfg: &LogConfig) -> anyhow::Result<()> {
     let filter = match std::env::var("RUST_LOG") {
-        Ok(v) if !v.is_empty() => EnvFilter::try_new(&v).map_err(|e| anyhow::anyhow!("invalid RUST_LOG: {e}"))?,
+        Ok(v) if !v.is_empty() => {
+            EnvFilter::try_new(&v).map_err(|e| anyhow::anyhow!("invalid RUST_LOG: {e}"))?
+        }
         _ => EnvFilter::try_new(&cfg.level)?,
     };
     let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match cfg.format {
         LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .try_init(),
     }
     .map_err(|e| anyhow::anyhow!("cannot set up logging: {e}"))
 }

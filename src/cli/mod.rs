@@ -10,7 +10,11 @@ use clap::{Parser, Subcommand};
 use crate::config::{Config, LogFormat};
 
 #[derive(Parser, Debug)]
-#[command(name = "memgate", version, about = "A gRPC server for large payloads that is never OOM-killed")]
+#[command(
+    name = "memgate",
+    version,
+    about = "A gRPC server for large payloads that is never OOM-killed"
+)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -85,7 +89,10 @@ fn load_config(args: &ServeArgs) -> anyhow::Result<Config> {
 /// Runs the command line; errors are printed as one line.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("memgate: cannot start the runtime: {e}");

@@ -44,7 +44,11 @@ pub(crate) struct UploadLock {
 
 impl Drop for UploadLock {
     fn drop(&mut self) {
-        self.inner.active.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.key);
+        self.inner
+            .active
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.key);
     }
 }
 
@@ -63,7 +67,8 @@ impl LocalStore {
         let blobs = cfg.data_dir.join("blobs");
         let uploads = cfg.data_dir.join("uploads");
         for dir in [&blobs, &uploads] {
-            std::fs::create_dir_all(dir).map_err(StoreError::io(format!("creating {}", dir.display())))?;
+            std::fs::create_dir_all(dir)
+                .map_err(StoreError::io(format!("creating {}", dir.display())))?;
         }
         Ok(Self {
             inner: Arc::new(Inner {
@@ -130,7 +135,10 @@ impl LocalStore {
                 std::io::ErrorKind::NotFound => StoreError::NotFound(digest),
                 _ => StoreError::io("opening blob")(e),
             })?;
-            let len = file.metadata().map_err(StoreError::io("reading blob metadata"))?.len();
+            let len = file
+                .metadata()
+                .map_err(StoreError::io("reading blob metadata"))?
+                .len();
             if len != digest.size {
                 return Err(StoreError::NotFound(digest));
             }
@@ -139,9 +147,16 @@ impl LocalStore {
         .await
         .expect("blob open task panicked")?;
         if offset > d.size {
-            return Err(StoreError::OutOfRange { offset, size: d.size });
+            return Err(StoreError::OutOfRange {
+                offset,
+                size: d.size,
+            });
         }
-        let end = if limit == 0 { d.size } else { d.size.min(offset.saturating_add(limit)) };
+        let end = if limit == 0 {
+            d.size
+        } else {
+            d.size.min(offset.saturating_add(limit))
+        };
         let (tx, rx) = mpsc::channel(CHANNEL_CHUNKS);
         tokio::task::spawn_blocking(move || {
             let mut pos = offset;
@@ -195,11 +210,18 @@ impl LocalStore {
                 .append(true)
                 .open(&partial)
                 .map_err(StoreError::io("opening partial upload"))?;
-            let len = file.metadata().map_err(StoreError::io("reading partial upload"))?.len();
+            let len = file
+                .metadata()
+                .map_err(StoreError::io("reading partial upload"))?
+                .len();
             if offset != len {
-                return Err(StoreError::WrongOffset { expected: len, got: offset });
+                return Err(StoreError::WrongOffset {
+                    expected: len,
+                    got: offset,
+                });
             }
-            let hasher = writer::rehash(&mut file, len).map_err(StoreError::io("re-reading partial upload"))?;
+            let hasher = writer::rehash(&mut file, len)
+                .map_err(StoreError::io("re-reading partial upload"))?;
             Ok((file, hasher, len))
         })
         .await
@@ -221,7 +243,9 @@ impl LocalStore {
         }
         match tokio::fs::metadata(self.partial_path(&Self::upload_key(name))).await {
             Ok(m) => Ok((m.len(), false)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(StoreError::UploadNotFound(name_of(name))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Err(StoreError::UploadNotFound(name_of(name)))
+            }
             Err(e) => Err(StoreError::io("reading partial upload")(e)),
         }
     }
@@ -245,7 +269,11 @@ fn gc(inner: &Inner, expiry: Duration, now: SystemTime) -> Result<usize> {
     let entries = std::fs::read_dir(&inner.uploads).map_err(StoreError::io("listing uploads"))?;
     for entry in entries.flatten() {
         let path = entry.path();
-        let Some(key) = path.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".part")) else {
+        let Some(key) = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".part"))
+        else {
             continue;
         };
         let active = inner.active.lock().unwrap_or_else(|e| e.into_inner());
@@ -340,4 +368,3 @@ pub fn spawn_gc(store: &LocalStore, interval: Duration, expiry: Duration) -> Joi
         }
     })
 }
-

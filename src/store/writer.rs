@@ -110,12 +110,17 @@ fn commit(file: &File, target: &Target, hash: [u8; 32], size: u64) -> Result<u64
     }
     file.sync_all().map_err(StoreError::io("syncing upload"))?;
     cache::drop_cache(file, 0, 0);
-    let dir = target.blob.parent().expect("blob paths have a shard directory");
+    let dir = target
+        .blob
+        .parent()
+        .expect("blob paths have a shard directory");
     std::fs::create_dir_all(dir).map_err(StoreError::io(format!("creating {}", dir.display())))?;
     // rename is atomic: readers see no blob or the whole blob. A concurrent commit of
     // the same content replaces identical bytes.
-    std::fs::rename(&target.partial, &target.blob)
-        .map_err(StoreError::io(format!("committing {}", target.blob.display())))?;
+    std::fs::rename(&target.partial, &target.blob).map_err(StoreError::io(format!(
+        "committing {}",
+        target.blob.display()
+    )))?;
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(StoreError::io(format!("syncing {}", dir.display())))?;
