@@ -1,5 +1,6 @@
 //! The `memgate` command line: `serve`, the client commands, and `limits`.
 
+mod limits;
 mod logging;
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
@@ -40,6 +41,14 @@ enum Command {
         output: PathBuf,
         #[arg(long, default_value = DEFAULT_ADDR)]
         addr: String,
+    },
+    /// Show what the memory guard sees: cgroup, limit, working set, budget, allocator.
+    Limits {
+        #[command(flatten)]
+        serve: ServeArgs,
+        /// Print JSON, for machines.
+        #[arg(long)]
+        json: bool,
     },
     /// Send a file to Payload/Process in one message; prints its SHA-256 and size.
     Process {
@@ -118,6 +127,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .with_context(|| format!("cannot listen on {}", cfg.server.grpc_addr))?;
             crate::server::serve(&cfg, listener, shutdown_signal()).await
         }
+        Command::Limits { serve, json } => {
+            let cfg = load_config(&serve)?;
+            let report = tokio::task::spawn_blocking(move || limits::report(&cfg)).await?;
+            let text = if json {
+                serde_json::to_string_pretty(&report)? + "\n"
+            } else {
+                limits::render(&report)
+            };
+            print_out(&text)
+        }
         Command::Upload { file, resume, addr } => {
             let channel = crate::client::connect(&addr).await?;
             let bar = crate::client::progress(0, "upload");
@@ -145,6 +164,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{} {}", resp.sha256, resp.size);
             Ok(())
         }
+    }
+}
+
+/// Writes to stdout; a closed pipe (`| head`) is not an error.
+fn print_out(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    match std::io::stdout().write_all(text.as_bytes()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
     }
 }
 
