@@ -66,7 +66,7 @@ proptest! {
                         Err(_) => {}
                     }
                 }
-                Op::DropPermit(i) if !permits.is_empty() => { permits.swap_remove(i % permits.len()); }
+                Op::DropPermit(i) if !permits.is_empty() => { drop(permits.swap_remove(i % permits.len())); }
                 Op::CancelTicket(i) if !tickets.is_empty() => { tickets.swap_remove(i % tickets.len()); }
                 Op::Observe(u) => { used = u; budget.observe(u, current) }
                 Op::Relimit(b) => { current = limits(b); budget.observe(used, current) }

@@ -177,7 +177,8 @@ mod tests {
         assert_eq!(inst.digest.size, 42);
         assert_eq!(inst.digest.read_name(), format!("blobs/{H}/42"));
 
-        let bad: &[(String, fn(&NameError) -> bool)] = &[
+        type Check = fn(&NameError) -> bool;
+        let bad: &[(String, Check)] = &[
             (String::new(), |e| matches!(e, NameError::Empty)),
             (format!("blob/{H}/1"), |e| {
                 matches!(e, NameError::Shape { .. })

@@ -311,6 +311,7 @@ impl State {
 }
 
 /// The outcome of [`Budget::try_acquire`].
+#[derive(Debug)]
 pub enum Admission {
     /// Admitted at once.
     Now(Permit),
@@ -323,6 +324,12 @@ pub struct Ticket {
     inner: Arc<Inner>,
     id: u64,
     rx: Option<oneshot::Receiver<Permit>>,
+}
+
+impl std::fmt::Debug for Ticket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ticket").field("id", &self.id).finish()
+    }
 }
 
 impl Ticket {
@@ -609,7 +616,7 @@ mod tests {
             matches!(b.try_acquire(95 * MIB), Ok(Admission::Queued(_))),
             "fits once usage falls"
         );
-        let e = b.try_acquire(101 * MIB).err().expect("rejected");
+        let e = b.try_acquire(101 * MIB).expect_err("rejected");
         assert!(matches!(e, Rejection::NeverFits { .. }));
         assert!(e.to_string().contains("can never fit"), "{e}");
     }
@@ -639,7 +646,7 @@ mod tests {
                 .iter()
                 .all(|t| matches!(t, Ok(Admission::Queued(_))))
         );
-        let full = b.try_acquire(20 * MIB).err().expect("queue full");
+        let full = b.try_acquire(20 * MIB).expect_err("queue full");
         assert!(matches!(
             full,
             Rejection::Busy {
@@ -660,8 +667,7 @@ mod tests {
         let e = t
             .wait(Duration::from_millis(100))
             .await
-            .err()
-            .expect("timed out");
+            .expect_err("timed out");
         assert!(matches!(
             e,
             Rejection::Busy {
@@ -678,7 +684,7 @@ mod tests {
     fn no_room_to_wait_is_rejected() {
         let b = Budget::new(limits(100 * MIB), |_| {});
         let _hold = now(b.try_acquire(100 * MIB));
-        let e = b.try_acquire(50 * MIB).err().expect("rejected");
+        let e = b.try_acquire(50 * MIB).expect_err("rejected");
         assert!(matches!(
             e,
             Rejection::Busy {

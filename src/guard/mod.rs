@@ -4,7 +4,25 @@
 //!
 //! It is a library: any tonic service can put [`AdmissionLayer`] in front of its
 //! routes. memgate's binary wires it to the blob and payload services.
+//!
+//! - [`discover`] and [`cgroup`]: where the limit and the working set come from;
+//! - [`sampler`]: reads them every `poll_interval` and publishes a snapshot;
+//! - [`budget`]: the admission rule, reservations, queue and pressure levels;
+//! - [`layer`] and [`estimate`]: the tower layer and what each call needs;
+//! - [`jemalloc`] and [`purge`]: handing freed memory back.
 
+mod body;
+pub mod budget;
+pub mod cgroup;
 mod config;
+pub mod discover;
+pub mod estimate;
+mod handle;
+pub mod jemalloc;
+pub mod layer;
+pub mod purge;
+pub mod sampler;
 
 pub use config::*;
+pub use handle::{Guard, limits_for};
+pub use layer::{AdmissionLayer, Reservation};
