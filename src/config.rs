@@ -114,12 +114,42 @@ pub enum LogFormat {
 /// Why a configuration could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// The file or an environment variable could not be read or parsed.
+    /// The file or an environment variable could not be read or parsed; the
+    /// message is the loader's, folded onto one line.
     #[error("{0}")]
-    Load(#[from] config::ConfigError),
+    Load(String),
     /// A value parsed but is out of range.
     #[error("invalid value for `{key}`: {problem}")]
     Invalid { key: &'static str, problem: String },
+}
+
+impl From<config::ConfigError> for ConfigError {
+    fn from(e: config::ConfigError) -> Self {
+        Self::Load(one_line(&e.to_string()))
+    }
+}
+
+/// Folds a multi-line parser message (TOML errors quote the line with a caret)
+/// into one line: the snippet goes, the position and the explanation stay.
+fn one_line(message: &str) -> String {
+    let is_snippet = |l: &str| {
+        l.starts_with('|')
+            || l.split_once('|').is_some_and(|(n, _)| {
+                let n = n.trim();
+                !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())
+            })
+    };
+    let mut parts = message
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !is_snippet(l));
+    let first = parts.next().unwrap_or_default().to_string();
+    let rest: Vec<_> = parts.collect();
+    if rest.is_empty() {
+        first
+    } else {
+        format!("{first}: {}", rest.join(" "))
+    }
 }
 
 impl ConfigError {

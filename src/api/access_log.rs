@@ -2,7 +2,9 @@
 //! A tower layer, so it sees every call the same way whatever the service: it
 //! counts request body bytes as the handler reads them and response body bytes
 //! as they are sent, and logs when the response body ends (or is dropped, for a
-//! client that went away).
+//! client that went away after the response began). A call whose stream the
+//! client resets before any response exists is dropped by hyper with its handler
+//! and leaves no line here; the handler's own error path logs what it kept.
 
 use std::{
     pin::Pin,

@@ -72,6 +72,7 @@ impl ByteStream for ByteStreamService {
         let resource = std::mem::take(&mut msg.resource_name);
         let name = parse_write_name(&resource)?;
         self.store.check_size(name.digest.size)?;
+        let offset = non_negative(msg.write_offset, "write_offset")?;
         let size = name.digest.size as i64;
         if self.store.contains(&name.digest).await? {
             // Already stored: succeed at once without reading (or storing) it again.
@@ -79,7 +80,6 @@ impl ByteStream for ByteStreamService {
                 committed_size: size,
             }));
         }
-        let offset = non_negative(msg.write_offset, "write_offset")?;
         let mut upload = self.store.begin_write(&name, offset).await?;
         loop {
             if !msg.resource_name.is_empty() && msg.resource_name != resource {
@@ -91,7 +91,7 @@ impl ByteStream for ByteStreamService {
             if msg.write_offset != upload.offset() as i64 {
                 return Err(StoreError::WrongOffset {
                     expected: upload.offset(),
-                    got: msg.write_offset.max(0) as u64,
+                    got: msg.write_offset,
                 }
                 .into());
             }

@@ -204,12 +204,27 @@ impl LocalStore {
             lock,
         };
         let (file, hasher, len) = tokio::task::spawn_blocking(move || -> Result<_> {
-            let mut file = OpenOptions::new()
-                .create(true)
-                .read(true)
-                .append(true)
-                .open(&partial)
-                .map_err(StoreError::io("opening partial upload"))?;
+            let open = |create| {
+                OpenOptions::new()
+                    .create_new(create)
+                    .read(true)
+                    .append(true)
+                    .open(&partial)
+            };
+            let mut file = match open(false) {
+                Ok(f) => f,
+                // A new upload starts at 0; refusing it must leave nothing behind.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && offset != 0 => {
+                    return Err(StoreError::WrongOffset {
+                        expected: 0,
+                        got: offset as i64,
+                    });
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    open(true).map_err(StoreError::io("creating partial upload"))?
+                }
+                Err(e) => return Err(StoreError::io("opening partial upload")(e)),
+            };
             let len = file
                 .metadata()
                 .map_err(StoreError::io("reading partial upload"))?
@@ -217,7 +232,7 @@ impl LocalStore {
             if offset != len {
                 return Err(StoreError::WrongOffset {
                     expected: len,
-                    got: offset,
+                    got: offset as i64,
                 });
             }
             let hasher = writer::rehash(&mut file, len)

@@ -23,7 +23,7 @@ pub enum StoreError {
     #[error("read_offset {offset} is past the end of blob of {size} bytes")]
     OutOfRange { offset: u64, size: u64 },
     #[error("write_offset {got} does not continue the upload: expected {expected}")]
-    WrongOffset { expected: u64, got: u64 },
+    WrongOffset { expected: u64, got: i64 },
     #[error(
         "digest mismatch: the name says {expected}, the data received is {actual_hash}/{actual_size}; nothing was stored"
     )]

@@ -1,0 +1,243 @@
+//! memgate's real binary inside a [`ChildCgroup`]. The child joins the cgroup
+//! between fork and exec, so every byte it ever allocates is charged there; its
+//! JSON stderr is drained by a thread for the whole run (a full pipe would stall
+//! the server) and kept for assertions.
+
+use std::{
+    ffi::{CStr, CString},
+    io::{self, BufRead as _, BufReader, Write as _},
+    net::SocketAddr,
+    os::unix::{ffi::OsStrExt as _, process::CommandExt as _},
+    path::Path,
+    process::{Child, ChildStderr, Command, ExitStatus, Stdio},
+    sync::{Arc, Mutex, mpsc},
+    thread::{self, JoinHandle},
+    time::Duration,
+};
+
+use super::{ChildCgroup, parse};
+
+/// Start-up is milliseconds; the margin is for builds hogging the cores.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A running `memgate serve`; killed (SIGKILL) and reaped on drop.
+pub struct MemgateProcess {
+    /// The gRPC address from its `listening` log line.
+    pub addr: SocketAddr,
+    pub pid: u32,
+    child: Child,
+    stderr: Arc<Mutex<String>>,
+    drain: Option<JoinHandle<()>>,
+    _config: tempfile::NamedTempFile,
+}
+
+/// Starts `memgate serve --config <config_toml> --grpc-addr 127.0.0.1:0 --data-dir
+/// <data_dir> --log-format json` inside `cg` and waits for it to listen; panics
+/// (with the stderr seen so far) if it exits or stays silent for a minute.
+///
+/// `RUST_LOG` and `MEMGATE__*` are removed from its environment, so the test's
+/// config is the one that runs. The child gets SIGKILL when the spawning thread
+/// ends: call this from the test's own thread, not from `spawn_blocking`.
+pub fn spawn_memgate_in(cg: &ChildCgroup, config_toml: &str, data_dir: &Path) -> MemgateProcess {
+    let mut config = tempfile::Builder::new()
+        .prefix("memgate-")
+        .suffix(".toml")
+        .tempfile()
+        .expect("create a config file");
+    config
+        .write_all(config_toml.as_bytes())
+        .expect("write the config file");
+    config.flush().expect("write the config file");
+    let procs = CString::new(cg.procs_path().as_os_str().as_bytes()).expect("no NUL in the path");
+
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_memgate"));
+    cmd.arg("serve")
+        .arg("--config")
+        .arg(config.path())
+        .args(["--grpc-addr", "127.0.0.1:0", "--data-dir"])
+        .arg(data_dir)
+        .args(["--log-format", "json"])
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (key, _) in std::env::vars_os() {
+        if key.as_bytes().starts_with(b"MEMGATE__") {
+            cmd.env_remove(key);
+        }
+    }
+    // SAFETY: the hook runs in the forked child before exec, where only
+    // async-signal-safe calls are allowed; `join_cgroup` makes raw syscalls on a
+    // path built before the fork and a stack buffer, and allocates nothing.
+    unsafe { cmd.pre_exec(move || join_cgroup(&procs)) };
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start memgate in {}: {e}", cg.path().display()));
+
+    let pipe = child.stderr.take().expect("stderr is piped");
+    let stderr = Arc::new(Mutex::new(String::new()));
+    let (tx, rx) = mpsc::channel();
+    let drain = {
+        let stderr = stderr.clone();
+        thread::spawn(move || drain_stderr(pipe, &stderr, tx))
+    };
+    let mut server = MemgateProcess {
+        addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+        pid: child.id(),
+        child,
+        stderr,
+        drain: Some(drain),
+        _config: config,
+    };
+    match rx.recv_timeout(STARTUP_TIMEOUT) {
+        Ok(addr) => server.addr = addr,
+        Err(mpsc::RecvTimeoutError::Timeout) => panic!(
+            "memgate logged no `listening` line within {STARTUP_TIMEOUT:?}; stderr so far:\n{}",
+            server.stderr_so_far()
+        ),
+        Err(mpsc::RecvTimeoutError::Disconnected) => {
+            let status = server.child.wait().map(|s| s.to_string());
+            panic!(
+                "memgate exited before listening ({status:?}); stderr:\n{}",
+                server.stderr_so_far()
+            )
+        }
+    }
+    server
+}
+
+impl MemgateProcess {
+    /// `http://<addr>`, for `tonic::transport::Endpoint`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The exit status, if it has exited.
+    pub fn try_wait(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().expect("waitpid on memgate")
+    }
+
+    pub fn is_alive(&mut self) -> bool {
+        self.try_wait().is_none()
+    }
+
+    /// Its peak resident set (`VmHWM`), while it runs.
+    pub fn peak_rss(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).ok()?;
+        let line = status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?;
+        let kib: u64 = line.trim().trim_end_matches("kB").trim().parse().ok()?;
+        Some(kib * 1024)
+    }
+
+    /// Everything it wrote to stderr so far.
+    pub fn stderr_so_far(&self) -> String {
+        self.stderr
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// SIGKILL and reap; harmless if it already exited.
+    pub fn kill(&mut self) {
+        if self.is_alive() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for MemgateProcess {
+    fn drop(&mut self) {
+        self.kill();
+        // The pipe closes with the process, which ends the thread.
+        if let Some(drain) = self.drain.take() {
+            let _ = drain.join();
+        }
+    }
+}
+
+/// Runs in the child between fork and exec: die with the parent, then write our
+/// own pid to `cgroup.procs` (v1 does not accept "0" for "myself").
+fn join_cgroup(procs: &CStr) -> io::Result<()> {
+    let mut buf = [0u8; 12];
+    // SAFETY: prctl, getpid, open, write and close are async-signal-safe system
+    // calls; `procs` is a NUL-terminated string that outlives the calls and `pid`
+    // points into `buf`, valid for `pid.len()` bytes.
+    unsafe {
+        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let pid = parse::decimal(libc::getpid(), &mut buf);
+        let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let written = libc::write(fd, pid.as_ptr().cast(), pid.len());
+        let error = io::Error::last_os_error();
+        libc::close(fd);
+        if written != pid.len() as isize {
+            return Err(error);
+        }
+    }
+    Ok(())
+}
+
+/// Appends every stderr line to `into`; sends the address of the first
+/// `listening` line on `listening`.
+fn drain_stderr(pipe: ChildStderr, into: &Mutex<String>, listening: mpsc::Sender<SocketAddr>) {
+    let mut listening = Some(listening);
+    let mut reader = BufReader::new(pipe);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match reader.read_until(b'\n', &mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let text = String::from_utf8_lossy(&line);
+        if let Some(addr) = listening.as_ref().and_then(|_| listening_addr(&text)) {
+            let _ = listening.take().expect("checked").send(addr);
+        }
+        into.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push_str(&text);
+    }
+}
+
+/// The `grpc_addr` of a JSON `listening` line, flattened or under `fields`.
+fn listening_addr(line: &str) -> Option<SocketAddr> {
+    let value: serde_json::Value = serde_json::from_str(line.trim()).ok()?;
+    let fields = value.get("fields").unwrap_or(&value);
+    let field = |k: &str| {
+        value
+            .get(k)
+            .or_else(|| fields.get(k))
+            .and_then(|v| v.as_str())
+    };
+    if field("message")? != "listening" {
+        return None;
+    }
+    field("grpc_addr")?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::listening_addr;
+
+    #[test]
+    fn finds_the_listening_line() {
+        let flat = r#"{"timestamp":"t","level":"INFO","message":"listening","grpc_addr":"127.0.0.1:4321","data_dir":"/d","target":"memgate::server"}"#;
+        let nested =
+            r#"{"level":"INFO","fields":{"message":"listening","grpc_addr":"127.0.0.1:5"}}"#;
+        assert_eq!(
+            listening_addr(flat),
+            Some("127.0.0.1:4321".parse().unwrap())
+        );
+        assert_eq!(listening_addr(nested), Some("127.0.0.1:5".parse().unwrap()));
+        assert_eq!(
+            listening_addr(r#"{"message":"started","grpc_addr":"127.0.0.1:1"}"#),
+            None
+        );
+        assert_eq!(listening_addr("memgate: error: boom"), None);
+    }
+}
