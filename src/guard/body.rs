@@ -92,11 +92,20 @@ pub fn first_bytes(frames: &VecDeque<Frame<Bytes>>, n: usize) -> Vec<u8> {
     out
 }
 
+/// Largest data frame handed to hyper at once. hyper's HTTP/2 layer keeps a frame
+/// until every byte of it is sent, and asks for the next only when the stream has
+/// send capacity again; handing over a 150 MB message as one frame would let the
+/// body end (and the reservation go) while nearly all of it is still queued.
+pub const MAX_FRAME: usize = 1024 * 1024;
+
 pin_project! {
-    /// A response body that keeps `hold` alive until it ends or is dropped.
+    /// A response body that keeps `hold` alive until it ends or is dropped, and
+    /// hands data over in slices of at most [`MAX_FRAME`], so that when it ends
+    /// only the last slice can still be waiting to be sent.
     pub struct Holding<B, H> {
         #[pin]
         inner: B,
+        rest: Bytes,
         hold: Option<H>,
     }
 }
@@ -105,6 +114,7 @@ impl<B, H> Holding<B, H> {
     pub fn new(inner: B, hold: H) -> Self {
         Self {
             inner,
+            rest: Bytes::new(),
             hold: Some(hold),
         }
     }
@@ -119,18 +129,70 @@ impl<B: Body<Data = Bytes>, H> Body for Holding<B, H> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let this = self.project();
-        let polled = this.inner.poll_frame(cx);
-        if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
-            this.hold.take();
+        if !this.rest.is_empty() {
+            let n = this.rest.len().min(MAX_FRAME);
+            return Poll::Ready(Some(Ok(Frame::data(this.rest.split_to(n)))));
         }
-        polled
+        match this.inner.poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                Ok(mut data) if data.len() > MAX_FRAME => {
+                    *this.rest = data.split_off(MAX_FRAME);
+                    Poll::Ready(Some(Ok(Frame::data(data))))
+                }
+                Ok(data) => Poll::Ready(Some(Ok(Frame::data(data)))),
+                Err(frame) => Poll::Ready(Some(Ok(frame))),
+            },
+            done @ (Poll::Ready(None) | Poll::Ready(Some(Err(_)))) => {
+                this.hold.take();
+                done
+            }
+            Poll::Pending => Poll::Pending,
+        }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.rest.is_empty() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
+        let mut hint = self.inner.size_hint();
+        let rest = self.rest.len() as u64;
+        hint.set_lower(hint.lower() + rest);
+        if let Some(upper) = hint.upper() {
+            hint.set_upper(upper + rest);
+        }
+        hint
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, Full};
+
+    #[tokio::test]
+    async fn large_frames_are_sliced_and_the_hold_goes_at_the_end() {
+        let data = Bytes::from(vec![3u8; 2 * MAX_FRAME + 10]);
+        let held = std::sync::Arc::new(());
+        let mut body = Holding::new(Full::new(data.clone()), held.clone());
+        let mut sizes = Vec::new();
+        let mut joined = Vec::new();
+        while let Some(frame) = body.frame().await {
+            assert_eq!(
+                std::sync::Arc::strong_count(&held),
+                2,
+                "held while frames remain"
+            );
+            let d = frame.unwrap().into_data().unwrap();
+            sizes.push(d.len());
+            joined.extend_from_slice(&d);
+        }
+        assert_eq!(sizes, vec![MAX_FRAME, MAX_FRAME, 10]);
+        assert_eq!(joined, data);
+        assert_eq!(
+            std::sync::Arc::strong_count(&held),
+            1,
+            "released at the end"
+        );
     }
 }

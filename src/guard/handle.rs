@@ -227,8 +227,17 @@ impl Inner {
             snap.working_set,
             limits_for(&cfg, snap.limit.bytes, self.wait_charge),
         );
-        // Under pressure, hand back whatever jemalloc holds freed (rate-limited).
-        if cfg.enabled && self.budget.view().pressure >= Pressure::Elevated {
+        // Hand back what jemalloc holds freed (rate-limited): under pressure, and
+        // whenever its dirty pages reach the purge threshold. The second catches
+        // buffers freed after their request's permit went (the last bytes of a
+        // response leave hyper's send queue a moment after the body ends).
+        let dirty = snap
+            .alloc
+            .map_or(0, |a| a.resident.saturating_sub(a.active));
+        if cfg.enabled
+            && (self.budget.view().pressure >= Pressure::Elevated
+                || dirty >= cfg.purge_threshold.as_u64())
+        {
             self.purger.request();
         }
     }
