@@ -31,8 +31,10 @@ pub async fn connect(addr: &str) -> anyhow::Result<Channel> {
     tonic::transport::Endpoint::from_shared(addr.to_string())
         .with_context(|| format!("invalid address {addr:?}"))?
         .connect_timeout(Duration::from_secs(10))
-        .initial_stream_window_size(1024 * 1024)
+        .initial_stream_window_size(4 * 1024 * 1024)
         .initial_connection_window_size(16 * 1024 * 1024)
+        // Downloads: fewer, larger frames (the server sends up to this).
+        .max_frame_size(256 * 1024u32)
         .connect()
         .await
         .with_context(|| format!("cannot connect to {addr}"))

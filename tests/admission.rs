@@ -184,7 +184,7 @@ async fn a_busy_server_rejects_with_numbers_and_pushback_then_admits_when_memory
 
 #[tokio::test]
 async fn a_queued_call_proceeds_as_soon_as_memory_frees() {
-    let s = Server::start(64 * MIB, 48 * MIB, |c| {
+    let s = Server::start(64 * MIB, 44 * MIB, |c| {
         c.memory.queue_timeout = Duration::from_secs(20)
     })
     .await;

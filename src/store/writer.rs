@@ -56,21 +56,53 @@ pub(super) fn rehash(file: &mut File, len: u64) -> std::io::Result<Sha256> {
     Ok(hasher)
 }
 
+/// Chunks queued for the hashing thread. Hashing (about 1 GB/s with SHA-NI) and
+/// writing run side by side; two chunks keep both busy and bound the memory.
+const HASH_QUEUE: usize = 2;
+
 /// Runs until a `Finish` arrives or the channel closes (client gone: fsync and keep
-/// the partial data for resume).
+/// the partial data for resume). Hashing runs on a second thread beside the writes.
 pub(super) fn run(
-    mut file: File,
-    mut hasher: Sha256,
-    mut written: u64,
+    file: File,
+    hasher: Sha256,
+    written: u64,
     target: Target,
+    rx: mpsc::Receiver<Cmd>,
+) -> Result<u64, StoreError> {
+    let (to_hasher, chunks) = std::sync::mpsc::sync_channel::<Bytes>(HASH_QUEUE);
+    std::thread::scope(|scope| {
+        let hashing = scope.spawn(move || {
+            let mut hasher = hasher;
+            for chunk in chunks {
+                hasher.update(&chunk);
+            }
+            hasher
+        });
+        write_loop(file, written, &target, rx, to_hasher, move || {
+            hashing
+                .join()
+                .expect("hashing thread panicked")
+                .finalize()
+                .into()
+        })
+    })
+}
+
+fn write_loop(
+    mut file: File,
+    mut written: u64,
+    target: &Target,
     mut rx: mpsc::Receiver<Cmd>,
+    to_hasher: std::sync::mpsc::SyncSender<Bytes>,
+    finish_hash: impl FnOnce() -> [u8; 32],
 ) -> Result<u64, StoreError> {
     let _lock = &target.lock;
     let mut synced_to = written - written % cache::WINDOW;
     while let Some(cmd) = rx.blocking_recv() {
         match cmd {
             Cmd::Data(data) => {
-                hasher.update(&data);
+                // The hashing thread only stops when this sender goes.
+                let _ = to_hasher.send(data.clone());
                 file.write_all(&data)
                     .map_err(StoreError::io("writing partial upload"))?;
                 written += data.len() as u64;
@@ -84,8 +116,8 @@ pub(super) fn run(
                 }
             }
             Cmd::Finish(reply) => {
-                let hash: [u8; 32] = hasher.finalize().into();
-                let result = commit(&file, &target, hash, written);
+                drop(to_hasher);
+                let result = commit(&file, target, finish_hash(), written);
                 let _ = reply.send(result);
                 return Ok(written);
             }
