@@ -24,6 +24,14 @@ pub const DEFAULT_READ_CHUNK_SIZE: ByteSize = ByteSize::mib(1);
 pub const DEFAULT_PARTIAL_UPLOAD_EXPIRY: Duration = Duration::from_secs(24 * 3600);
 /// Expiry is coarse; scanning the upload directory more often buys nothing.
 pub const DEFAULT_GC_INTERVAL: Duration = Duration::from_secs(600);
+/// Probes and Prometheus dial the pod IP; a port apart from gRPC keeps them
+/// plaintext HTTP and off the gRPC admission path.
+pub const DEFAULT_ADMIN_ADDR: &str = "0.0.0.0:9090";
+/// Long enough for endpoint controllers and load balancers to stop sending new
+/// connections after readiness fails (Kubernetes usually needs a few seconds).
+pub const DEFAULT_DRAIN_DELAY: Duration = Duration::from_secs(5);
+/// With the drain delay this fits Kubernetes' default 30 s termination grace period.
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(25);
 
 /// The whole configuration.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -33,6 +41,45 @@ pub struct Config {
     pub storage: StorageConfig,
     pub log: LogConfig,
     pub memory: crate::guard::MemoryConfig,
+    pub admin: AdminConfig,
+    pub shutdown: ShutdownConfig,
+}
+
+/// `[admin]`: the plaintext HTTP listener for probes and metrics.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Address of `/livez`, `/readyz` and `/metrics`.
+    pub addr: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            addr: DEFAULT_ADMIN_ADDR.parse().expect("valid default address"),
+        }
+    }
+}
+
+/// `[shutdown]`: what SIGTERM does.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShutdownConfig {
+    /// After SIGTERM, how long to keep serving while readiness reports NOT_SERVING.
+    #[serde(with = "humantime_serde")]
+    pub drain_delay: Duration,
+    /// After that, how long in-flight calls may take before they are cut.
+    #[serde(with = "humantime_serde")]
+    pub grace: Duration,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        Self {
+            drain_delay: DEFAULT_DRAIN_DELAY,
+            grace: DEFAULT_GRACE,
+        }
+    }
 }
 
 /// `[server]`: the gRPC listener.
@@ -236,6 +283,15 @@ impl Config {
                 "storage.data_dir",
                 "must not be empty",
             ));
+        }
+        if self.shutdown.drain_delay > Duration::from_secs(600) {
+            return Err(ConfigError::invalid(
+                "shutdown.drain_delay",
+                "must be at most 10m",
+            ));
+        }
+        if self.shutdown.grace > Duration::from_secs(3600) {
+            return Err(ConfigError::invalid("shutdown.grace", "must be at most 1h"));
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return Err(ConfigError::invalid("log.level", e.to_string()));

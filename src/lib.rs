@@ -1,6 +1,7 @@
 //! memgate: a gRPC server for large payloads that streams every byte, knows its
 //! cgroup memory limit and admits work only when the memory it needs fits.
 
+pub mod admin;
 pub mod api;
 pub mod cli;
 pub mod client;

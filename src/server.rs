@@ -7,6 +7,12 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::codec::CompressionEncoding;
 
+use std::sync::Arc;
+
+use tokio::sync::oneshot;
+use tonic_health::{pb::health_server::HealthServer, server::HealthService};
+
+use crate::admin::{health::Health, http as admin_http, metrics::Metrics};
 use crate::api::{
     ByteStreamService, PayloadService, access_log::AccessLogLayer, bytestream::MAX_STREAM_MESSAGE,
 };
@@ -15,6 +21,7 @@ use crate::guard::{
     Guard,
     discover::Roots,
     estimate::{Estimate, MethodTable},
+    jemalloc,
 };
 use crate::proto::{
     FILE_DESCRIPTOR_SET, bytestream::byte_stream_server::ByteStreamServer,
@@ -82,76 +89,206 @@ pub fn method_table(cfg: &Config) -> MethodTable {
         )
 }
 
-/// Serves memgate on `listener` until `shutdown` resolves; in-flight calls then finish.
+/// Serves memgate on `listener` until `shutdown` resolves; in-flight calls then
+/// get up to `shutdown.grace` to finish. No admin listener.
 pub async fn serve(
     cfg: &Config,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let guard = Guard::start(cfg.memory.clone(), Roots::default(), STREAM_WINDOW as u64).await;
-    serve_with_guard(cfg, guard, listener, shutdown).await
+    Server::new(cfg.clone())
+        .await?
+        .serve(listener, None, shutdown)
+        .await
 }
 
-/// [`serve`] with a guard the caller started (and may inspect).
+/// [`serve`] with a guard the caller started (and may inspect). Admission
+/// metrics go to the guard's own observer, not to this server's `/metrics`.
 pub async fn serve_with_guard(
     cfg: &Config,
     guard: Guard,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let store = LocalStore::open(&cfg.storage)?;
-    let _gc = spawn_gc(
-        &store,
-        cfg.storage.gc_interval,
-        cfg.storage.partial_upload_expiry,
-    );
-    let max_message = cfg.server.max_message_size.as_u64() as usize;
+    Server::with_guard(cfg.clone(), guard, Metrics::new())
+        .await?
+        .serve(listener, None, shutdown)
+        .await
+}
 
-    let bytestream = ByteStreamServer::new(ByteStreamService::new(
-        store,
-        cfg.storage.read_chunk_size.as_u64() as usize,
-    ))
-    .max_decoding_message_size(MAX_STREAM_MESSAGE);
-    let payload = PayloadServer::new(PayloadService)
-        .accept_compressed(CompressionEncoding::Gzip)
-        .max_decoding_message_size(max_message)
-        // The response carries the payload back plus a hash and a size.
-        .max_encoding_message_size(max_message + 1024);
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+/// A memgate server, initialised: guard running, store open, health reporting.
+pub struct Server {
+    cfg: Config,
+    guard: Guard,
+    health: Health,
+    health_service: HealthServer<HealthService>,
+    store: LocalStore,
+    metrics: Metrics,
+}
 
-    let addr = listener.local_addr()?;
-    let snap = guard.snapshot();
-    let view = guard.view();
-    tracing::info!(
-        version = env!("CARGO_PKG_VERSION"),
-        grpc_addr = %addr,
-        data_dir = %cfg.storage.data_dir.display(),
-        guard = if cfg.memory.enabled { "on" } else { "off" },
-        limit = snap.limit.bytes,
-        limit_source = %snap.limit.source,
-        budget = view.budget,
-        working_set = snap.working_set,
-        "listening"
-    );
-    let layers = tower::ServiceBuilder::new()
-        // Outermost: logs every call, including ones the guard turns away.
-        .layer(AccessLogLayer)
-        // Before tonic decodes anything: reserve the call's memory or reject it.
-        .layer(guard.layer(method_table(cfg)))
-        .into_inner();
-    tonic::transport::Server::builder()
-        .initial_stream_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
-        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
-        .max_frame_size(MAX_FRAME_SIZE)
-        .http2_adaptive_window(Some(false))
-        .layer(layers)
-        .add_service(bytestream)
-        .add_service(payload)
-        .add_service(reflection)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await?;
-    Ok(())
+impl Server {
+    /// Starts the guard on this machine's cgroup and opens the store.
+    pub async fn new(cfg: Config) -> anyhow::Result<Self> {
+        let metrics = Metrics::new();
+        let guard = Guard::start_with_observer(
+            cfg.memory.clone(),
+            Roots::default(),
+            STREAM_WINDOW as u64,
+            Arc::new(metrics.clone()),
+        )
+        .await;
+        Self::with_guard(cfg, guard, metrics).await
+    }
+
+    /// Like [`Server::new`] with a guard the caller started; `metrics` should be
+    /// the observer that guard was started with, or admissions go uncounted.
+    pub async fn with_guard(cfg: Config, guard: Guard, metrics: Metrics) -> anyhow::Result<Self> {
+        let (health, health_service) = Health::new().await;
+        let store = LocalStore::open(&cfg.storage)?;
+        Ok(Self {
+            cfg,
+            guard,
+            health,
+            health_service,
+            store,
+            metrics,
+        })
+    }
+
+    pub fn guard(&self) -> &Guard {
+        &self.guard
+    }
+
+    pub fn health(&self) -> &Health {
+        &self.health
+    }
+
+    /// Serves gRPC on `grpc` and, if given, the admin routes on `admin`, until
+    /// `stop` resolves. Then no new calls are accepted, in-flight ones get
+    /// `shutdown.grace` to finish, and whatever is still running is cut (partial
+    /// uploads keep what they received, for resume).
+    pub async fn serve(
+        self,
+        grpc: TcpListener,
+        admin: Option<TcpListener>,
+        stop: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let Self {
+            cfg,
+            guard,
+            health,
+            health_service,
+            store,
+            metrics,
+        } = self;
+        let _gc = spawn_gc(
+            &store,
+            cfg.storage.gc_interval,
+            cfg.storage.partial_upload_expiry,
+        );
+        let max_message = cfg.server.max_message_size.as_u64() as usize;
+        let bytestream = ByteStreamServer::new(ByteStreamService::new(
+            store,
+            cfg.storage.read_chunk_size.as_u64() as usize,
+        ))
+        .max_decoding_message_size(MAX_STREAM_MESSAGE);
+        let payload = PayloadServer::new(PayloadService)
+            .accept_compressed(CompressionEncoding::Gzip)
+            .max_decoding_message_size(max_message)
+            // The response carries the payload back plus a hash and a size.
+            .max_encoding_message_size(max_message + 1024);
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()?;
+
+        let (admin_stop, admin_stopped) = oneshot::channel::<()>();
+        let admin_addr = match admin {
+            Some(listener) => {
+                let addr = listener.local_addr()?;
+                let (g, m) = (guard.clone(), metrics.clone());
+                let router = admin_http::router(health.clone(), Arc::new(move || m.encode(&g)));
+                tokio::spawn(async move {
+                    let stopped = async {
+                        let _ = admin_stopped.await;
+                    };
+                    if let Err(e) = admin_http::serve(listener, router, stopped).await {
+                        tracing::error!(error = %e, "admin listener failed");
+                    }
+                });
+                Some(addr)
+            }
+            None => None,
+        };
+        let _monitor = health.spawn_monitor(guard.clone());
+
+        let addr = grpc.local_addr()?;
+        let snap = guard.snapshot();
+        let view = guard.view();
+        let malloc_conf = jemalloc::settings().ok().map(|s| {
+            s.env_malloc_conf
+                .or(s.embedded_malloc_conf)
+                .unwrap_or(s.built_in_malloc_conf)
+        });
+        tracing::info!(
+            version = env!("CARGO_PKG_VERSION"),
+            grpc_addr = %addr,
+            admin_addr = admin_addr.map(|a| a.to_string()),
+            data_dir = %cfg.storage.data_dir.display(),
+            guard = if cfg.memory.enabled { "on" } else { "off" },
+            limit = snap.limit.bytes,
+            limit_source = %snap.limit.source,
+            budget = view.budget,
+            working_set = snap.working_set,
+            malloc_conf = malloc_conf.as_deref().unwrap_or("(jemalloc not the allocator)"),
+            "listening"
+        );
+        let layers = tower::ServiceBuilder::new()
+            // Outermost: logs and counts every call, including ones the guard turns away.
+            .layer(AccessLogLayer::new(metrics.clone()))
+            // Before tonic decodes anything: reserve the call's memory or reject it.
+            .layer(guard.layer(method_table(&cfg)))
+            .into_inner();
+        let (grpc_stop, grpc_stopped) = oneshot::channel::<()>();
+        let server = tonic::transport::Server::builder()
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+            .max_frame_size(MAX_FRAME_SIZE)
+            .http2_adaptive_window(Some(false))
+            .layer(layers)
+            .add_service(health_service)
+            .add_service(bytestream)
+            .add_service(payload)
+            .add_service(reflection)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), async {
+                let _ = grpc_stopped.await;
+            });
+        tokio::pin!(server);
+        health.set_started();
+
+        tokio::select! {
+            result = &mut server => {
+                let _ = admin_stop.send(());
+                return result.map_err(Into::into);
+            }
+            () = stop => {}
+        }
+        let grace = cfg.shutdown.grace;
+        health.begin_shutdown().await;
+        tracing::info!(grace = ?grace, reserved = guard.view().reserved, "shutdown: accepting no new calls; in-flight calls may finish");
+        let _ = grpc_stop.send(());
+        match tokio::time::timeout(grace, &mut server).await {
+            Ok(result) => {
+                result?;
+                tracing::info!("shutdown: every in-flight call finished");
+            }
+            Err(_) => tracing::warn!(
+                reserved = guard.view().reserved,
+                "shutdown: grace period over, cutting the calls still running; partial uploads stay resumable"
+            ),
+        }
+        let _ = admin_stop.send(());
+        Ok(())
+    }
 }

@@ -1,16 +1,15 @@
-//! One log line per finished request: method, status, bytes in and out, duration.
-//! A tower layer, so it sees every call the same way whatever the service: it
-//! counts request body bytes as the handler reads them and response body bytes
-//! as they are sent, and logs when the response body ends (or is dropped, for a
-//! client that went away after the response began). A call whose stream the
-//! client resets before any response exists is dropped by hyper with its handler
-//! and leaves no line here; the handler's own error path logs what it kept.
+//! One log line per finished request (method, status, bytes in and out,
+//! duration) and the request metrics. A tower layer, so it sees every call the
+//! same way whatever the service: it counts request body bytes as the handler
+//! reads them and response body bytes as they are sent. The line is written when
+//! the last piece of the call (request body, response future, response body) is
+//! dropped, so calls that fail early or whose client vanishes are logged too.
 
 use std::{
     pin::Pin,
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicI32, AtomicU64, Ordering},
     },
     task::{Context, Poll},
     time::Instant,
@@ -21,28 +20,88 @@ use http_body::{Body, Frame};
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
-/// Adds the access log to a service.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct AccessLogLayer;
+use crate::admin::metrics::{Metrics, method_label};
+
+/// Adds the access log and the request metrics to a service.
+#[derive(Clone)]
+pub struct AccessLogLayer {
+    metrics: Metrics,
+}
+
+impl AccessLogLayer {
+    pub fn new(metrics: Metrics) -> Self {
+        Self { metrics }
+    }
+}
 
 impl<S> Layer<S> for AccessLogLayer {
     type Service = AccessLog<S>;
     fn layer(&self, inner: S) -> Self::Service {
-        AccessLog { inner }
+        AccessLog {
+            inner,
+            metrics: self.metrics.clone(),
+        }
     }
 }
 
 /// See [`AccessLogLayer`].
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct AccessLog<S> {
     inner: S,
+    metrics: Metrics,
 }
 
-/// Shared between the request and the response body: what one call moved.
+/// No gRPC status seen (yet): the client went away first.
+const NO_STATUS: i32 = -1;
+
+/// One call, shared by its request body, response future and response body;
+/// logged and counted when the last of them goes.
 struct Call {
     method: String,
+    /// The bounded metric label of `method`.
+    label: &'static str,
     start: Instant,
     bytes_in: AtomicU64,
+    bytes_out: AtomicU64,
+    status: AtomicI32,
+    metrics: Metrics,
+}
+
+impl Call {
+    fn set_status(&self, headers: &http::HeaderMap) {
+        if let Some(code) = headers
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<i32>().ok())
+        {
+            self.status.store(code, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for Call {
+    fn drop(&mut self) {
+        let code = match self.status.load(Ordering::Relaxed) {
+            NO_STATUS => None,
+            c => Some(tonic::Code::from(c)),
+        };
+        let shown = code.map_or_else(
+            || "Cancelled (client went away)".to_string(),
+            |c| format!("{c:?}"),
+        );
+        let (bytes_in, bytes_out) = (*self.bytes_in.get_mut(), *self.bytes_out.get_mut());
+        let duration = self.start.elapsed();
+        self.metrics
+            .request_finished(self.label, code, bytes_in, bytes_out, duration);
+        tracing::info!(
+            method = %self.method,
+            status = %shown,
+            bytes_in,
+            bytes_out,
+            duration_ms = duration.as_secs_f64() * 1e3,
+            "request finished"
+        );
+    }
 }
 
 impl<S, ResBody> Service<http::Request<tonic::body::Body>> for AccessLog<S>
@@ -61,34 +120,35 @@ where
     }
 
     fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        let path = req.uri().path();
+        let label = method_label(path);
+        self.metrics.request_started(label);
         let call = Arc::new(Call {
-            method: req.uri().path().to_string(),
+            method: path.to_string(),
+            label,
             start: Instant::now(),
             bytes_in: AtomicU64::new(0),
+            bytes_out: AtomicU64::new(0),
+            status: AtomicI32::new(NO_STATUS),
+            metrics: self.metrics.clone(),
         });
         let req = req.map(|body| {
-            tonic::body::Body::new(CountIn {
+            tonic::body::Body::new(Counted {
                 inner: body,
                 call: call.clone(),
+                outgoing: false,
             })
         });
         let fut = self.inner.call(req);
         Box::pin(async move {
             let resp = fut.await?;
             // Trailers-only responses (errors before any message) carry the status in the headers.
-            let header_status = resp
-                .headers()
-                .get("grpc-status")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<i32>().ok());
+            call.set_status(resp.headers());
             Ok(resp.map(|body| {
-                tonic::body::Body::new(CountOut {
+                tonic::body::Body::new(Counted {
                     inner: body,
-                    log: Some(Finish {
-                        call,
-                        bytes_out: 0,
-                        status: header_status,
-                    }),
+                    call,
+                    outgoing: true,
                 })
             }))
         })
@@ -96,14 +156,17 @@ where
 }
 
 pin_project! {
-    struct CountIn<B> {
+    /// Counts the data bytes of a request body (`outgoing` false) or a response
+    /// body (true, also reading the status from the trailers).
+    struct Counted<B> {
         #[pin]
         inner: B,
         call: Arc<Call>,
+        outgoing: bool,
     }
 }
 
-impl<B: Body<Data = Bytes>> Body for CountIn<B> {
+impl<B: Body<Data = Bytes>> Body for Counted<B> {
     type Data = Bytes;
     type Error = B::Error;
 
@@ -113,83 +176,19 @@ impl<B: Body<Data = Bytes>> Body for CountIn<B> {
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let this = self.project();
         let polled = this.inner.poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled
-            && let Some(data) = frame.data_ref()
-        {
-            this.call
-                .bytes_in
-                .fetch_add(data.len() as u64, Ordering::Relaxed);
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-struct Finish {
-    call: Arc<Call>,
-    bytes_out: u64,
-    status: Option<i32>,
-}
-
-impl Drop for Finish {
-    fn drop(&mut self) {
-        let code = match self.status {
-            Some(c) => format!("{:?}", tonic::Code::from(c)),
-            None => "Cancelled (client went away)".to_string(),
-        };
-        tracing::info!(
-            method = %self.call.method,
-            status = %code,
-            bytes_in = self.call.bytes_in.load(Ordering::Relaxed),
-            bytes_out = self.bytes_out,
-            duration_ms = self.call.start.elapsed().as_secs_f64() * 1e3,
-            "request finished"
-        );
-    }
-}
-
-pin_project! {
-    struct CountOut<B> {
-        #[pin]
-        inner: B,
-        log: Option<Finish>,
-    }
-}
-
-impl<B: Body<Data = Bytes>> Body for CountOut<B> {
-    type Data = Bytes;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let this = self.project();
-        let polled = this.inner.poll_frame(cx);
-        match &polled {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(log) = this.log.as_mut() {
-                    if let Some(data) = frame.data_ref() {
-                        log.bytes_out += data.len() as u64;
-                    } else if let Some(trailers) = frame.trailers_ref() {
-                        log.status = trailers
-                            .get("grpc-status")
-                            .and_then(|v| v.to_str().ok())
-                            .and_then(|v| v.parse().ok());
-                    }
-                }
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            let counter = if *this.outgoing {
+                &this.call.bytes_out
+            } else {
+                &this.call.bytes_in
+            };
+            if let Some(data) = frame.data_ref() {
+                counter.fetch_add(data.len() as u64, Ordering::Relaxed);
+            } else if let Some(trailers) = frame.trailers_ref()
+                && *this.outgoing
+            {
+                this.call.set_status(trailers);
             }
-            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => {
-                this.log.take();
-            }
-            Poll::Pending => {}
         }
         polled
     }

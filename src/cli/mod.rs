@@ -1,5 +1,6 @@
 //! The `memgate` command line: `serve`, the client commands, and `limits`.
 
+mod lifecycle;
 mod limits;
 mod logging;
 
@@ -63,14 +64,17 @@ enum Command {
 
 const DEFAULT_ADDR: &str = "http://127.0.0.1:50051";
 
-#[derive(clap::Args, Debug)]
-struct ServeArgs {
+#[derive(clap::Args, Debug, Clone)]
+pub(crate) struct ServeArgs {
     /// TOML configuration file; `MEMGATE__SECTION__KEY` variables override it.
     #[arg(long, short)]
     config: Option<PathBuf>,
     /// gRPC listen address (overrides `server.grpc_addr`).
     #[arg(long)]
     grpc_addr: Option<SocketAddr>,
+    /// Admin HTTP listen address: /livez, /readyz, /metrics (overrides `admin.addr`).
+    #[arg(long)]
+    admin_addr: Option<SocketAddr>,
     /// Data directory (overrides `storage.data_dir`).
     #[arg(long)]
     data_dir: Option<PathBuf>,
@@ -80,10 +84,13 @@ struct ServeArgs {
 }
 
 /// Loads the configuration `serve` would run with.
-fn load_config(args: &ServeArgs) -> anyhow::Result<Config> {
+pub(crate) fn load_config(args: &ServeArgs) -> anyhow::Result<Config> {
     let mut cfg = Config::load(args.config.as_deref(), std::env::vars())?;
     if let Some(a) = args.grpc_addr {
         cfg.server.grpc_addr = a;
+    }
+    if let Some(a) = args.admin_addr {
+        cfg.admin.addr = a;
     }
     if let Some(d) = &args.data_dir {
         cfg.storage.data_dir = d.clone();
@@ -122,10 +129,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => {
             let cfg = load_config(&args)?;
             logging::init(&cfg.log)?;
-            let listener = tokio::net::TcpListener::bind(cfg.server.grpc_addr)
+            let grpc = tokio::net::TcpListener::bind(cfg.server.grpc_addr)
                 .await
-                .with_context(|| format!("cannot listen on {}", cfg.server.grpc_addr))?;
-            crate::server::serve(&cfg, listener, shutdown_signal()).await
+                .with_context(|| {
+                    format!(
+                        "cannot listen on {} (server.grpc_addr)",
+                        cfg.server.grpc_addr
+                    )
+                })?;
+            let admin = tokio::net::TcpListener::bind(cfg.admin.addr)
+                .await
+                .with_context(|| format!("cannot listen on {} (admin.addr)", cfg.admin.addr))?;
+            let server = crate::server::Server::new(cfg.clone()).await?;
+            lifecycle::spawn_reload(args, cfg.clone(), server.guard().clone());
+            let drain =
+                lifecycle::drain_on_signal(server.health().clone(), cfg.shutdown.drain_delay);
+            server.serve(grpc, Some(admin), drain).await?;
+            tracing::info!("shutdown complete");
+            Ok(())
         }
         Command::Limits { serve, json } => {
             let cfg = load_config(&serve)?;
@@ -173,15 +194,5 @@ fn print_out(text: &str) -> anyhow::Result<()> {
     match std::io::stdout().write_all(text.as_bytes()) {
         Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
         _ => Ok(()),
-    }
-}
-
-/// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received, shutting down"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received, shutting down"),
     }
 }

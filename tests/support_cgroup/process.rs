@@ -54,7 +54,13 @@ pub fn spawn_memgate_in(cg: &ChildCgroup, config_toml: &str, data_dir: &Path) ->
     cmd.arg("serve")
         .arg("--config")
         .arg(config.path())
-        .args(["--grpc-addr", "127.0.0.1:0", "--data-dir"])
+        .args([
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
         .arg(data_dir)
         .args(["--log-format", "json"])
         .env_remove("RUST_LOG")

@@ -1,0 +1,81 @@
+//! The plaintext HTTP admin listener: `/livez` and `/readyz` mirror the gRPC
+//! health statuses (200 or 503, with a one-line reason), `/metrics` serves
+//! Prometheus. Kept apart from the gRPC port so probes and scrapes never pass
+//! through admission and stay reachable whatever the gRPC listener does.
+
+use std::{future::Future, sync::Arc};
+
+use axum::{
+    Router,
+    extract::State,
+    http::{StatusCode, header},
+    response::IntoResponse,
+    routing::get,
+};
+use tokio::net::TcpListener;
+
+use super::health::{Health, Probe};
+
+/// Renders the metrics exposition on each scrape.
+pub type RenderMetrics = Arc<dyn Fn() -> String + Send + Sync>;
+
+#[derive(Clone)]
+struct AdminState {
+    health: Health,
+    metrics: RenderMetrics,
+}
+
+/// The admin routes.
+pub fn router(health: Health, metrics: RenderMetrics) -> Router {
+    Router::new()
+        .route("/livez", get(livez))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_handler))
+        .with_state(AdminState { health, metrics })
+}
+
+fn probe(p: Probe) -> (StatusCode, String) {
+    let code = if p.ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, format!("{}\n", p.reason))
+}
+
+async fn livez(State(s): State<AdminState>) -> impl IntoResponse {
+    probe(s.health.state().live)
+}
+
+async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
+    probe(s.health.state().ready)
+}
+
+async fn metrics_handler(State(s): State<AdminState>) -> impl IntoResponse {
+    let render = s.metrics.clone();
+    // Encoding reads the guard's snapshot; cheap, but keep it off the async workers' hot path.
+    match tokio::task::spawn_blocking(move || render()).await {
+        Ok(body) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, super::metrics::CONTENT_TYPE)],
+            body,
+        )
+            .into_response(),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("metrics failed: {e}\n"),
+        )
+            .into_response(),
+    }
+}
+
+/// Serves the admin routes until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await
+}

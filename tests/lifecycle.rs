@@ -1,0 +1,390 @@
+//! The real binary's lifecycle: SIGTERM drains (readiness off first, in-flight
+//! uploads finish, exit 0 within the grace period), SIGHUP reloads `[memory]`
+//! live (a broken file changes nothing), and `/metrics` scraped over HTTP and
+//! parsed by a Prometheus parser shows the admission and purge counters move.
+
+use std::{
+    io::{BufRead, BufReader},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use memgate::guard::budget::Limits;
+use memgate::proto::{
+    bytestream::{WriteRequest, byte_stream_client::ByteStreamClient},
+    memgate_v1::{ProcessRequest, payload_client::PayloadClient},
+};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+
+const MIB: usize = 1 << 20;
+
+struct Memgate {
+    child: Child,
+    grpc: String,
+    admin: String,
+    stderr: Arc<Mutex<String>>,
+    config: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Memgate {
+    /// Starts `memgate serve` with `config` (TOML) on loopback ports chosen by the OS.
+    fn start(config: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("memgate.toml");
+        std::fs::write(&cfg, config).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_memgate"))
+            .args([
+                "serve",
+                "--grpc-addr",
+                "127.0.0.1:0",
+                "--admin-addr",
+                "127.0.0.1:0",
+                "--log-format",
+                "json",
+            ])
+            .arg("--config")
+            .arg(&cfg)
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .env_remove("RUST_LOG")
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in lines.by_ref().map_while(Result::ok) {
+                if line.contains("\"listening\"")
+                    && let Some(tx) = tx.take()
+                {
+                    let _ = tx.send(line.clone());
+                }
+                sink.lock().unwrap().push_str(&(line + "\n"));
+            }
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("no listening line; stderr:\n{}", stderr.lock().unwrap()));
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        Self {
+            child,
+            grpc: format!("http://{}", v["grpc_addr"].as_str().unwrap()),
+            admin: v["admin_addr"].as_str().unwrap().to_string(),
+            stderr,
+            config: cfg,
+            _dir: dir,
+        }
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        assert_eq!(unsafe { libc::kill(self.child.id() as i32, sig) }, 0);
+    }
+
+    fn log(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    async fn http(&self, path: &str) -> (u16, String) {
+        let mut s = tokio::net::TcpStream::connect(&self.admin).await.unwrap();
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        let code = out.split_whitespace().nth(1).unwrap().parse().unwrap();
+        (
+            code,
+            out.split("\r\n\r\n").nth(1).unwrap_or_default().to_string(),
+        )
+    }
+
+    async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let (code, body) = self.http("/metrics").await;
+        assert_eq!(code, 200);
+        let scrape =
+            prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).unwrap();
+        scrape
+            .samples
+            .iter()
+            .filter(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+            .map(|s| match s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                _ => 0.0,
+            })
+            .sum()
+    }
+
+    /// Waits (bounded) for the process to exit; returns its status and how long it took.
+    fn wait_exit(&mut self, within: Duration) -> (std::process::ExitStatus, Duration) {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return (status, start.elapsed());
+            }
+            assert!(
+                start.elapsed() < within,
+                "still running after {within:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Memgate {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn payload(len: usize, seed: u8) -> Bytes {
+    Bytes::from(
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect::<Vec<u8>>(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_turns_readiness_off_then_lets_inflight_uploads_finish() {
+    let mut m = Memgate::start("[shutdown]\ndrain_delay = \"1s\"\ngrace = \"20s\"\n");
+    let channel = memgate::client::connect(&m.grpc).await.unwrap();
+    let mut health = HealthClient::new(channel.clone());
+    let check = |service: &str| HealthCheckRequest {
+        service: service.into(),
+    };
+    for _ in 0..200 {
+        if health
+            .check(check("readiness"))
+            .await
+            .unwrap()
+            .into_inner()
+            .status()
+            == ServingStatus::Serving
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Two uploads, each half sent when the signal arrives.
+    let mut uploads = Vec::new();
+    let mut feeds = Vec::new();
+    for i in 0..2u8 {
+        let data = payload(32 * MIB, i);
+        let name = format!(
+            "uploads/sig{i}/blobs/{}/{}",
+            hex::encode(Sha256::digest(&data)),
+            data.len()
+        );
+        let (tx, rx) = tokio::sync::mpsc::channel::<WriteRequest>(64);
+        let mut client = ByteStreamClient::new(channel.clone());
+        uploads.push(tokio::spawn(async move {
+            client
+                .write(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+        }));
+        let reqs: Vec<_> = (0..32)
+            .map(|c| WriteRequest {
+                resource_name: if c == 0 { name.clone() } else { String::new() },
+                write_offset: (c * MIB) as i64,
+                finish_write: c == 31,
+                data: data.slice(c * MIB..(c + 1) * MIB),
+            })
+            .collect();
+        let (first, rest) = reqs.split_at(16);
+        for r in first {
+            tx.send(r.clone()).await.unwrap();
+        }
+        feeds.push((tx, rest.to_vec(), data));
+    }
+    let signalled = Instant::now();
+    m.signal(libc::SIGTERM);
+    // Readiness goes first, while the process still serves the connection.
+    let mut off = false;
+    for _ in 0..200 {
+        if health
+            .check(check("readiness"))
+            .await
+            .unwrap()
+            .into_inner()
+            .status()
+            == ServingStatus::NotServing
+        {
+            off = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(off, "readiness never turned NOT_SERVING:\n{}", m.log());
+    assert_eq!(
+        health.check(check("")).await.unwrap().into_inner().status(),
+        ServingStatus::Serving
+    );
+    assert_eq!(m.http("/readyz").await.0, 503);
+    assert_eq!(m.http("/livez").await.0, 200);
+    // The rest of each upload, after the drain delay has passed and new calls are refused.
+    for (tx, rest, _) in &feeds {
+        for r in rest {
+            tx.send(r.clone()).await.unwrap();
+        }
+    }
+    for (u, (_, _, data)) in uploads.into_iter().zip(&feeds) {
+        let committed = u.await.unwrap().unwrap().into_inner().committed_size;
+        assert_eq!(committed, data.len() as i64);
+    }
+    drop(health);
+    drop(channel);
+    let (status, m) = tokio::task::spawn_blocking(move || {
+        let (status, _) = m.wait_exit(Duration::from_secs(25));
+        (status, m)
+    })
+    .await
+    .unwrap();
+    let log = m.log();
+    // What was committed during the drain is on disk, whole and right.
+    for (_, _, data) in &feeds {
+        let hash = hex::encode(Sha256::digest(data));
+        let stored = std::fs::read(
+            m._dir
+                .path()
+                .join("data/blobs")
+                .join(&hash[..2])
+                .join(&hash),
+        )
+        .unwrap();
+        assert_eq!(hex::encode(Sha256::digest(&stored)), hash);
+    }
+    assert!(status.success(), "exit {status:?}:\n{log}");
+    assert!(
+        signalled.elapsed() < Duration::from_secs(21),
+        "took {:?}",
+        signalled.elapsed()
+    );
+    let phases = [
+        "readiness is NOT_SERVING",
+        "accepting no new calls",
+        "every in-flight call finished",
+        "shutdown complete",
+    ];
+    let mut at = 0;
+    for p in phases {
+        let found = log[at..]
+            .find(p)
+            .unwrap_or_else(|| panic!("phase {p:?} not logged in order:\n{log}"));
+        at += found;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_applies_a_new_budget_and_keeps_it_when_the_file_is_broken() {
+    let m = Memgate::start("[memory]\nlimit = \"1GiB\"\nbudget_ratio = 0.85\n");
+    let budget = |ratio| Limits::budget_for(1 << 30, ratio, 32 * MIB as u64) as f64;
+    let before = m.metric("memgate_memory_budget_bytes", &[]).await;
+    assert_eq!(before, budget(0.85));
+    std::fs::write(
+        &m.config,
+        "[memory]\nlimit = \"1GiB\"\nbudget_ratio = 0.5\n",
+    )
+    .unwrap();
+    m.signal(libc::SIGHUP);
+    let want = budget(0.5);
+    let mut now = before;
+    for _ in 0..500 {
+        now = m.metric("memgate_memory_budget_bytes", &[]).await;
+        if now == want {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(now, want, "new budget not applied:\n{}", m.log());
+    assert!(m.log().contains("configuration reloaded"), "{}", m.log());
+
+    std::fs::write(&m.config, "[memory]\nbudget_ratio = 7\n").unwrap();
+    m.signal(libc::SIGHUP);
+    for _ in 0..500 {
+        if m.log().contains("configuration reload failed") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let log = m.log();
+    assert!(
+        log.contains("configuration reload failed") && log.contains("memory.budget_ratio"),
+        "{log}"
+    );
+    assert_eq!(
+        m.metric("memgate_memory_budget_bytes", &[]).await,
+        want,
+        "a broken file changed the budget"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_show_admissions_and_purges_as_requests_run() {
+    let m = Memgate::start("[memory]\npurge_threshold = \"8MiB\"\n");
+    let channel = memgate::client::connect(&m.grpc).await.unwrap();
+    let mut c = PayloadClient::new(channel).max_encoding_message_size(usize::MAX);
+    let process = "/memgate.v1.Payload/Process";
+    let admitted0 = m
+        .metric("memgate_admission_admitted_total", &[("method", process)])
+        .await;
+    let purges0 = m.metric("memgate_purges_total", &[]).await;
+    for seed in 0..3 {
+        let r = c
+            .process(ProcessRequest {
+                data: payload(16 * MIB, seed),
+                echo: false,
+            })
+            .await
+            .unwrap();
+        assert_eq!(r.into_inner().size, 16 * MIB as u64);
+    }
+    let admitted = m
+        .metric("memgate_admission_admitted_total", &[("method", process)])
+        .await;
+    assert_eq!(admitted - admitted0, 3.0);
+    let ok = m
+        .metric(
+            "memgate_requests_total",
+            &[("method", process), ("code", "ok")],
+        )
+        .await;
+    assert_eq!(ok, 3.0);
+    let received = m
+        .metric("memgate_received_bytes_total", &[("method", process)])
+        .await;
+    assert!(received >= 3.0 * (16 * MIB) as f64, "received {received}");
+    // Each 16 MiB call reserved above purge_threshold: purges follow (rate-limited).
+    let mut purges = purges0;
+    for _ in 0..300 {
+        purges = m.metric("memgate_purges_total", &[]).await;
+        if purges > purges0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(purges > purges0, "no purge counted:\n{}", m.log());
+    assert_eq!(m.metric("memgate_memory_reserved_bytes", &[]).await, 0.0);
+    assert_eq!(
+        m.metric("memgate_requests_in_flight", &[("method", process)])
+            .await,
+        0.0
+    );
+}
