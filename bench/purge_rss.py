@@ -63,7 +63,7 @@ def run_config(name, env_extra, payload, reps):
     env = dict(os.environ, **env_extra)
     env.pop("_RJEM_MALLOC_CONF", None)
     proc = subprocess.Popen(
-        [BIN, "serve", "--grpc-addr", f"127.0.0.1:{port}", "--data-dir", data],
+        [BIN, "serve", "--grpc-addr", f"127.0.0.1:{port}", "--admin-addr", "127.0.0.1:0", "--data-dir", data],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_port(port, proc)

@@ -121,6 +121,7 @@ class Server:
             [
                 str(BINARY), "serve",
                 "--grpc-addr", f"127.0.0.1:{self.port}",
+                "--admin-addr", "127.0.0.1:0",
                 "--data-dir", str(data_dir),
                 "--log-format", "json",
             ],

@@ -277,14 +277,21 @@ fn serve_with_config(toml: &str) -> (Option<i32>, String) {
     let path = dir.path().join("memgate.toml");
     std::fs::write(&path, toml).expect("write config");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_memgate"));
-    cmd.args(["serve", "--grpc-addr", "127.0.0.1:0", "--config"])
-        .arg(&path)
-        .arg("--data-dir")
-        .arg(dir.path().join("data"))
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+    cmd.args([
+        "serve",
+        "--grpc-addr",
+        "127.0.0.1:0",
+        "--admin-addr",
+        "127.0.0.1:0",
+        "--config",
+    ])
+    .arg(&path)
+    .arg("--data-dir")
+    .arg(dir.path().join("data"))
+    .env_remove("RUST_LOG")
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped());
     for (k, _) in std::env::vars() {
         if k.starts_with("MEMGATE__") {
             cmd.env_remove(k);

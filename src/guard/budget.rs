@@ -553,10 +553,17 @@ impl Budget {
         }
     }
 
-    /// Suggested client back-off: longer as the queue grows (gRFC A6 pushback).
+    /// Suggested client back-off (gRFC A6 pushback): longer as the queue grows,
+    /// with ±20% jitter so clients rejected together do not all come back together.
     pub fn pushback(&self) -> Duration {
+        use std::hash::{BuildHasher, Hasher};
         let waiting = self.inner.lock().waiters.len() as u64;
-        Duration::from_millis((250 * (1 + waiting)).min(5000))
+        let base = (250 * (1 + waiting)).min(5000);
+        let random = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish();
+        let jitter = base * (random % 41) / 100; // 0..=40 % of base
+        Duration::from_millis(base * 8 / 10 + jitter)
     }
 }
 
@@ -712,6 +719,18 @@ mod tests {
         assert_eq!(b.view().pressure, Pressure::Elevated, "within hysteresis");
         b.observe(60 * MIB, limits(100 * MIB));
         assert_eq!(b.view().pressure, Pressure::Normal);
+    }
+
+    #[test]
+    fn pushback_grows_with_the_queue_and_is_jittered() {
+        let b = Budget::new(limits(100 * MIB), |_| {});
+        let idle: Vec<_> = (0..50).map(|_| b.pushback().as_millis()).collect();
+        assert!(idle.iter().all(|ms| (200..=300).contains(ms)), "{idle:?}");
+        assert!(idle.iter().any(|ms| *ms != idle[0]), "no jitter: {idle:?}");
+        let _hold = now(b.try_acquire(95 * MIB));
+        let _t: Vec<_> = (0..3).map(|_| b.try_acquire(10 * MIB).unwrap()).collect();
+        let busy = b.pushback().as_millis();
+        assert!((800..=1200).contains(&busy), "{busy}");
     }
 
     #[test]
