@@ -175,9 +175,12 @@ impl LocalStore {
                 cache::drop_cache(&file, pos, want as u64);
                 pos += want as u64;
                 if tx.blocking_send(Ok(buf.freeze())).is_err() {
-                    return; // the client went away
+                    break; // the client went away
                 }
             }
+            // Readahead may have brought in more than was read, and pages still
+            // being read ahead were skipped above: drop whatever is left.
+            cache::drop_cache(&file, 0, 0);
         });
         Ok(rx)
     }
