@@ -60,6 +60,11 @@ pub fn progress(len: u64, what: &str) -> ProgressBar {
 
 /// SHA-256 and size of a file, read in 1 MiB pieces.
 pub fn digest_file(path: &Path) -> anyhow::Result<Digest> {
+    digest_file_with_progress(path, &ProgressBar::hidden())
+}
+
+/// [`digest_file`], advancing `bar` as it reads.
+pub fn digest_file_with_progress(path: &Path, bar: &ProgressBar) -> anyhow::Result<Digest> {
     let mut file =
         std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let mut hasher = Sha256::new();
@@ -72,6 +77,7 @@ pub fn digest_file(path: &Path) -> anyhow::Result<Digest> {
         }
         hasher.update(&buf[..n]);
         size += n as u64;
+        bar.set_position(size);
     }
     Ok(Digest {
         hash: hasher.finalize().into(),
@@ -99,7 +105,17 @@ pub async fn upload(
     bar: &ProgressBar,
 ) -> anyhow::Result<String> {
     let p = path.to_path_buf();
-    let digest = tokio::task::spawn_blocking(move || digest_file(&p)).await??;
+    // The name needs the digest, so the file is hashed before the first byte goes out.
+    let len = std::fs::metadata(path)
+        .with_context(|| format!("cannot open {}", path.display()))?
+        .len();
+    bar.set_length(len);
+    bar.set_message("hashing");
+    let hash_bar = bar.clone();
+    let digest =
+        tokio::task::spawn_blocking(move || digest_file_with_progress(&p, &hash_bar)).await??;
+    bar.set_message("upload");
+    bar.reset_eta();
     let mut client = ByteStreamClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
     let stable = format!("uploads/{}/blobs/{}", stable_upload_id(&digest), digest);
     let (name, offset) = match client

@@ -160,14 +160,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Upload { file, resume, addr } => {
             let channel = crate::client::connect(&addr).await?;
-            let bar = crate::client::progress(0, "upload");
+            let len = std::fs::metadata(&file)
+                .with_context(|| format!("cannot open {}", file.display()))?
+                .len();
+            let bar = crate::client::progress(len, "hashing");
             let name = crate::client::upload(channel, &file, resume, &bar).await?;
             println!("{name}");
             Ok(())
         }
         Command::Download { name, output, addr } => {
             let channel = crate::client::connect(&addr).await?;
-            let bar = crate::client::progress(0, "download");
+            let size = crate::api::resource::parse_read_name(&name)?.digest.size;
+            let bar = crate::client::progress(size, "download");
             let d = crate::client::download(channel, &name, &output, &bar).await?;
             println!("{} {}", d.hex(), d.size);
             Ok(())
