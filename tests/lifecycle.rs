@@ -30,13 +30,17 @@ struct Memgate {
     admin: String,
     stderr: Arc<Mutex<String>>,
     config: std::path::PathBuf,
-    _dir: tempfile::TempDir,
+    dir: Option<tempfile::TempDir>,
 }
 
 impl Memgate {
     /// Starts `memgate serve` with `config` (TOML) on loopback ports chosen by the OS.
     fn start(config: &str) -> Self {
-        let dir = tempfile::tempdir().unwrap();
+        Self::start_in(tempfile::tempdir().unwrap(), config)
+    }
+
+    /// Like [`Memgate::start`], keeping its config and data in `dir`.
+    fn start_in(dir: tempfile::TempDir, config: &str) -> Self {
         let cfg = dir.path().join("memgate.toml");
         std::fs::write(&cfg, config).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_memgate"))
@@ -83,8 +87,15 @@ impl Memgate {
             admin: v["admin_addr"].as_str().unwrap().to_string(),
             stderr,
             config: cfg,
-            _dir: dir,
+            dir: Some(dir),
         }
+    }
+
+    /// Stops the process and hands over its directory (config and data).
+    fn take_dir(mut self) -> tempfile::TempDir {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.dir.take().unwrap()
     }
 
     fn signal(&self, sig: i32) {
@@ -262,7 +273,9 @@ async fn sigterm_turns_readiness_off_then_lets_inflight_uploads_finish() {
     for (_, _, data) in &feeds {
         let hash = hex::encode(Sha256::digest(data));
         let stored = std::fs::read(
-            m._dir
+            m.dir
+                .as_ref()
+                .unwrap()
                 .path()
                 .join("data/blobs")
                 .join(&hash[..2])
@@ -290,6 +303,91 @@ async fn sigterm_turns_readiness_off_then_lets_inflight_uploads_finish() {
             .unwrap_or_else(|| panic!("phase {p:?} not logged in order:\n{log}"));
         at += found;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_cut_at_the_grace_deadline_keeps_its_data_for_resume() {
+    let config = "[shutdown]\ndrain_delay = \"0s\"\ngrace = \"1s\"\n";
+    let mut m = Memgate::start(config);
+    let data = payload(16 * MIB, 42);
+    let name = format!(
+        "uploads/cut/blobs/{}/{}",
+        hex::encode(Sha256::digest(&data)),
+        data.len()
+    );
+    let request = |c: usize| WriteRequest {
+        resource_name: if c == 0 { name.clone() } else { String::new() },
+        write_offset: (c * MIB) as i64,
+        finish_write: c == 15,
+        data: data.slice(c * MIB..(c + 1) * MIB),
+    };
+    let channel = memgate::client::connect(&m.grpc).await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel::<WriteRequest>(16);
+    let mut client = ByteStreamClient::new(channel.clone());
+    let upload = tokio::spawn(async move {
+        client
+            .write(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+    });
+    for c in 0..8 {
+        tx.send(request(c)).await.unwrap();
+    }
+    // Wait until the server holds the first 8 MiB (it fsyncs when the stream ends).
+    let mut probe = ByteStreamClient::new(channel.clone());
+    for _ in 0..500 {
+        let q = probe
+            .query_write_status(memgate::proto::bytestream::QueryWriteStatusRequest {
+                resource_name: name.clone(),
+            })
+            .await;
+        if q.is_ok_and(|r| r.into_inner().committed_size == 8 * MIB as i64) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    m.signal(libc::SIGTERM);
+    // The stream stays open and idle: the grace period runs out and the server cuts it.
+    let (status, m) =
+        tokio::task::spawn_blocking(move || (m.wait_exit(Duration::from_secs(15)).0, m))
+            .await
+            .unwrap();
+    assert!(status.success(), "exit {status:?}:\n{}", m.log());
+    assert!(m.log().contains("grace period over"), "{}", m.log());
+    assert!(
+        upload.await.unwrap().is_err(),
+        "the cut upload cannot have succeeded"
+    );
+    drop(tx);
+
+    // A new server on the same data continues the upload where it was cut.
+    let dir = m.take_dir();
+    let m = Memgate::start_in(dir, config);
+    let mut client = ByteStreamClient::new(memgate::client::connect(&m.grpc).await.unwrap());
+    let committed = client
+        .query_write_status(memgate::proto::bytestream::QueryWriteStatusRequest {
+            resource_name: name.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .committed_size;
+    assert_eq!(
+        committed,
+        8 * MIB as i64,
+        "the partial upload did not survive shutdown"
+    );
+    let rest: Vec<_> = (8..16)
+        .map(|c| WriteRequest {
+            resource_name: if c == 8 { name.clone() } else { String::new() },
+            ..request(c)
+        })
+        .collect();
+    let done = client
+        .write(tokio_stream::iter(rest))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(done.committed_size, data.len() as i64);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
