@@ -176,6 +176,45 @@ impl From<config::ConfigError> for ConfigError {
     }
 }
 
+/// Whether a key is plain `[A-Za-z0-9_]`: config-rs reads `key[N]` as an index
+/// and allocates N entries, so `x[99999999999]` would exhaust memory (found by fuzzing).
+fn plain_key(k: &str) -> bool {
+    !k.is_empty() && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+/// Refuses keys that config-rs would read as paths (`a.b`, `a[3]`) before it sees
+/// them. A file that does not parse is left to config-rs, whose error names it.
+fn check_file_keys(path: &std::path::Path) -> Result<(), ConfigError> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let Ok(table) = text.parse::<toml::Table>() else {
+        return Ok(());
+    };
+    fn walk(table: &toml::Table, prefix: &str) -> Result<(), String> {
+        for (k, v) in table {
+            let key = if prefix.is_empty() {
+                k.clone()
+            } else {
+                format!("{prefix}.{k}")
+            };
+            if !plain_key(k) {
+                return Err(key);
+            }
+            if let toml::Value::Table(t) = v {
+                walk(t, &key)?;
+            }
+        }
+        Ok(())
+    }
+    walk(&table, "").map_err(|key| {
+        ConfigError::Load(format!(
+            "{}: key {key:?}: only letters, digits and _ are allowed in keys",
+            path.display()
+        ))
+    })
+}
+
 /// Folds a multi-line parser message (TOML errors quote the line with a caret)
 /// into one line: the snippet goes, the position and the explanation stay.
 fn one_line(message: &str) -> String {
@@ -217,16 +256,23 @@ impl Config {
     ) -> Result<Self, ConfigError> {
         let mut builder = config::Config::builder();
         if let Some(path) = file {
+            check_file_keys(path)?;
             builder = builder.add_source(
                 config::File::from(path)
                     .format(config::FileFormat::Toml)
                     .required(true),
             );
         }
-        let env: config::Map<String, String> = env
-            .into_iter()
-            .filter(|(k, _)| k.starts_with("MEMGATE__"))
-            .collect();
+        let mut vars = config::Map::new();
+        for (k, v) in env.into_iter().filter(|(k, _)| k.starts_with("MEMGATE__")) {
+            if !plain_key(&k) {
+                return Err(ConfigError::Load(format!(
+                    "environment variable {k:?}: only letters, digits and _ may follow MEMGATE__"
+                )));
+            }
+            vars.insert(k, v);
+        }
+        let env = vars;
         builder = builder.add_source(
             config::Environment::with_prefix("MEMGATE")
                 .prefix_separator("__")
@@ -292,6 +338,13 @@ impl Config {
         }
         if self.shutdown.grace > Duration::from_secs(3600) {
             return Err(ConfigError::invalid("shutdown.grace", "must be at most 1h"));
+        }
+        // EnvFilter panics on some non-ASCII input (found by fuzzing); directives are ASCII.
+        if !self.log.level.is_ascii() {
+            return Err(ConfigError::invalid(
+                "log.level",
+                "must be ASCII, e.g. \"info\" or \"memgate=debug,info\"",
+            ));
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return Err(ConfigError::invalid("log.level", e.to_string()));

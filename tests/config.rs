@@ -387,3 +387,25 @@ fn the_binary_reports_an_unknown_key_or_unparsable_value_once_in_one_line() {
 fn the_binary_reports_a_toml_syntax_error_in_one_line() {
     assert_one_line_error("[memory\nbudget_ratio = 0.5\n", &["memgate.toml", "line 1"]);
 }
+
+// Keys that config-rs would read as paths or indices (`x[99999999999]` made it
+// allocate until the process died; found by fuzzing) are refused up front.
+#[test]
+fn keys_with_brackets_are_refused_before_they_reach_the_loader() {
+    load_err(
+        "\"x[99999999999]\" = 1\n",
+        &["x[99999999999]", "letters, digits and _"],
+    );
+    load_err("[memory]\n\"limit[3]\" = 1\n", &["memory.limit[3]"]);
+    let err = Config::load(None, env(&[("MEMGATE__X[99999999999]", "1")])).expect_err("refused");
+    assert!(err.to_string().contains("MEMGATE__X[99999999999]"), "{err}");
+}
+
+// tracing-subscriber's filter parser panics on some non-ASCII input (found by fuzzing).
+#[test]
+fn a_non_ascii_log_level_is_an_error_naming_the_key() {
+    load_err("[log]\nlevel = \" é[\"\n", &["log.level", "ASCII"]);
+    let err =
+        Config::load(None, env(&[("MEMGATE__LOG__LEVEL", "info, é[x]")])).expect_err("refused");
+    assert!(err.to_string().contains("log.level"), "{err}");
+}

@@ -7,6 +7,7 @@ use crate::config::{LogConfig, LogFormat};
 
 pub fn init(cfg: &LogConfig) -> anyhow::Result<()> {
     let filter = match std::env::var("RUST_LOG") {
+        Ok(v) if !v.is_ascii() => anyhow::bail!("invalid RUST_LOG: must be ASCII"),
         Ok(v) if !v.is_empty() => {
             EnvFilter::try_new(&v).map_err(|e| anyhow::anyhow!("invalid RUST_LOG: {e}"))?
         }

@@ -108,7 +108,8 @@ impl Estimate {
 
 /// Parses a `grpc-timeout` header value (`1-8 digits` + `H M S m u n`).
 pub fn parse_grpc_timeout(v: &str) -> Option<Duration> {
-    if v.len() < 2 || v.len() > 9 {
+    // ASCII first: the split below is by byte (a multi-byte unit panicked, found by fuzzing).
+    if !v.is_ascii() || v.len() < 2 || v.len() > 9 {
         return None;
     }
     let (digits, unit) = v.split_at(v.len() - 1);
@@ -178,7 +179,7 @@ mod tests {
             parse_grpc_timeout("99999999u"),
             Some(Duration::from_micros(99_999_999))
         );
-        for bad in ["", "S", "5", "5s", "-5S", "123456789S", "1.5S"] {
+        for bad in ["", "S", "5", "5s", "-5S", "123456789S", "1.5S", "5µ", "€"] {
             assert_eq!(parse_grpc_timeout(bad), None, "{bad:?}");
         }
     }
