@@ -176,6 +176,20 @@ impl From<config::ConfigError> for ConfigError {
     }
 }
 
+/// Parses a `tracing` filter, tolerating spaces around directives
+/// (`"memgate=debug, tower=warn"`), which `EnvFilter` itself rejects.
+pub fn log_filter(directives: &str) -> Result<tracing_subscriber::EnvFilter, String> {
+    if !directives.is_ascii() {
+        return Err("must be ASCII".into());
+    }
+    let joined: Vec<&str> = directives
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .collect();
+    tracing_subscriber::EnvFilter::try_new(joined.join(",")).map_err(|e| e.to_string())
+}
+
 /// Whether a key is plain `[A-Za-z0-9_]`: config-rs reads `key[N]` as an index
 /// and allocates N entries, so `x[99999999999]` would exhaust memory (found by fuzzing).
 fn plain_key(k: &str) -> bool {
@@ -346,7 +360,7 @@ impl Config {
                 "must be ASCII, e.g. \"info\" or \"memgate=debug,info\"",
             ));
         }
-        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+        if let Err(e) = log_filter(&self.log.level) {
             return Err(ConfigError::invalid("log.level", e.to_string()));
         }
         self.memory.validate()

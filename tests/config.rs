@@ -409,3 +409,10 @@ fn a_non_ascii_log_level_is_an_error_naming_the_key() {
         Config::load(None, env(&[("MEMGATE__LOG__LEVEL", "info, é[x]")])).expect_err("refused");
     assert!(err.to_string().contains("log.level"), "{err}");
 }
+
+#[test]
+fn log_filters_may_have_spaces_between_directives() {
+    let cfg = load_str("[log]\nlevel = \"memgate=debug, tower=warn ,info\"\n").expect("loads");
+    assert_eq!(cfg.log.level, "memgate=debug, tower=warn ,info");
+    load_err("[log]\nlevel = \"memgate=nonsense\"\n", &["log.level"]);
+}

@@ -1,17 +1,16 @@
 //! Log output: text for a terminal, JSON for a log pipeline; `RUST_LOG` wins over
 //! `log.level`.
 
-use tracing_subscriber::{EnvFilter, fmt};
+use tracing_subscriber::fmt;
 
-use crate::config::{LogConfig, LogFormat};
+use crate::config::{LogConfig, LogFormat, log_filter};
 
 pub fn init(cfg: &LogConfig) -> anyhow::Result<()> {
     let filter = match std::env::var("RUST_LOG") {
-        Ok(v) if !v.is_ascii() => anyhow::bail!("invalid RUST_LOG: must be ASCII"),
         Ok(v) if !v.is_empty() => {
-            EnvFilter::try_new(&v).map_err(|e| anyhow::anyhow!("invalid RUST_LOG: {e}"))?
+            log_filter(&v).map_err(|e| anyhow::anyhow!("invalid RUST_LOG: {e}"))?
         }
-        _ => EnvFilter::try_new(&cfg.level)?,
+        _ => log_filter(&cfg.level).map_err(|e| anyhow::anyhow!("invalid log.level: {e}"))?,
     };
     let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match cfg.format {
