@@ -11,13 +11,13 @@ use bytes::Bytes;
 use memgate::{
     api::resource::{Digest, parse_write_name},
     config::StorageConfig,
-    proto::bytestream::{ReadRequest, WriteRequest},
+    proto::bytestream::{ReadRequest, WriteRequest, byte_stream_client::ByteStreamClient},
     store::{LocalStore, StoreError},
 };
 use support::*;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::Code;
+use tonic::{Code, transport::Channel};
 
 const MIB: usize = 1 << 20;
 const CHUNK: usize = MIB;
@@ -35,6 +35,26 @@ fn partials(data_dir: &Path) -> Vec<std::path::PathBuf> {
         .map(|e| e.path())
         .filter(|p| p.extension().is_some_and(|x| x == "part"))
         .collect()
+}
+
+/// Sends `rest` from `offset` with `finish_write`, then checks the commit and that
+/// the whole blob reads back as `data`.
+async fn finish_and_verify(
+    client: &mut ByteStreamClient<Channel>,
+    name: &str,
+    rest: &Bytes,
+    offset: u64,
+    data: &Bytes,
+) {
+    let resp = client
+        .write(tokio_stream::iter(write_requests(
+            name, rest, offset, CHUNK, true,
+        )))
+        .await
+        .expect("resumed Write");
+    assert_eq!(resp.into_inner().committed_size, data.len() as i64);
+    let d = digest(data);
+    assert_eq!(read_digest(client, &d.read_name()).await.expect("Read"), d);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -234,23 +254,7 @@ async fn half_closed_write_reports_what_was_committed_and_resumes() {
     );
 
     let rest = data.slice(first.len()..);
-    let resp = client
-        .write(tokio_stream::iter(write_requests(
-            &name,
-            &rest,
-            first.len() as u64,
-            CHUNK,
-            true,
-        )))
-        .await
-        .expect("resumed Write");
-    assert_eq!(resp.into_inner().committed_size, data.len() as i64);
-    assert_eq!(
-        read_digest(&mut client, &d.read_name())
-            .await
-            .expect("Read"),
-        d
-    );
+    finish_and_verify(&mut client, &name, &rest, first.len() as u64, &data).await;
     server.stop().await;
 }
 
@@ -283,23 +287,7 @@ async fn upload_resumes_after_a_server_restart() {
     );
     stored.assert_intact(&mut client, "a restart").await;
     let rest = data.slice(head.len()..);
-    let resp = client
-        .write(tokio_stream::iter(write_requests(
-            &name,
-            &rest,
-            head.len() as u64,
-            CHUNK,
-            true,
-        )))
-        .await
-        .expect("resumed Write");
-    assert_eq!(resp.into_inner().committed_size, data.len() as i64);
-    assert_eq!(
-        read_digest(&mut client, &d.read_name())
-            .await
-            .expect("Read"),
-        d
-    );
+    finish_and_verify(&mut client, &name, &rest, head.len() as u64, &data).await;
     server.stop().await;
 }
 

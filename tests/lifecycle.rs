@@ -173,6 +173,26 @@ fn payload(len: usize, seed: u8) -> Bytes {
     )
 }
 
+/// Polls readiness (bounded) until it reports `want`; whether it did.
+async fn wait_readiness(
+    health: &mut HealthClient<tonic::transport::Channel>,
+    want: ServingStatus,
+) -> bool {
+    for _ in 0..400 {
+        let r = health
+            .check(HealthCheckRequest {
+                service: "readiness".into(),
+            })
+            .await
+            .unwrap();
+        if r.into_inner().status() == want {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    false
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_turns_readiness_off_then_lets_inflight_uploads_finish() {
     let mut m = Memgate::start("[shutdown]\ndrain_delay = \"1s\"\ngrace = \"20s\"\n");
@@ -181,19 +201,11 @@ async fn sigterm_turns_readiness_off_then_lets_inflight_uploads_finish() {
     let check = |service: &str| HealthCheckRequest {
         service: service.into(),
     };
-    for _ in 0..200 {
-        if health
-            .check(check("readiness"))
-            .await
-            .unwrap()
-            .into_inner()
-            .status()
-            == ServingStatus::Serving
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    assert!(
+        wait_readiness(&mut health, ServingStatus::Serving).await,
+        "never ready:\n{}",
+        m.log()
+    );
     // Two uploads, each half sent when the signal arrives.
     let mut uploads = Vec::new();
     let mut feeds = Vec::new();
@@ -228,21 +240,7 @@ async fn sigterm_turns_readiness_off_then_lets_inflight_uploads_finish() {
     let signalled = Instant::now();
     m.signal(libc::SIGTERM);
     // Readiness goes first, while the process still serves the connection.
-    let mut off = false;
-    for _ in 0..200 {
-        if health
-            .check(check("readiness"))
-            .await
-            .unwrap()
-            .into_inner()
-            .status()
-            == ServingStatus::NotServing
-        {
-            off = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let off = wait_readiness(&mut health, ServingStatus::NotServing).await;
     assert!(off, "readiness never turned NOT_SERVING:\n{}", m.log());
     assert_eq!(
         health.check(check("")).await.unwrap().into_inner().status(),
