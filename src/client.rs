@@ -40,6 +40,20 @@ pub async fn connect(addr: &str) -> anyhow::Result<Channel> {
         .with_context(|| format!("cannot connect to {addr}"))
 }
 
+/// The status (`SERVING`, `NOT_SERVING`, ...) of `service` in the server's
+/// standard gRPC health service.
+pub async fn health(addr: &str, service: &str) -> anyhow::Result<String> {
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let channel = connect(addr).await?;
+    let resp = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: service.to_owned(),
+        })
+        .await
+        .with_context(|| format!("health check of {service:?} failed"))?;
+    Ok(resp.into_inner().status().as_str_name().to_owned())
+}
+
 /// A progress bar on a terminal, nothing otherwise.
 pub fn progress(len: u64, what: &str) -> ProgressBar {
     use std::io::IsTerminal;

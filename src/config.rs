@@ -105,7 +105,9 @@ impl Default for ServerConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct StorageConfig {
-    /// Directory holding blobs and partial uploads.
+    /// Where blobs live: `local` disk (one replica) or an `s3` bucket (any number).
+    pub backend: Backend,
+    /// Directory holding blobs and partial uploads (the `local` backend).
     pub data_dir: PathBuf,
     /// Largest blob a client may write.
     pub max_blob_size: ByteSize,
@@ -117,11 +119,103 @@ pub struct StorageConfig {
     /// How often expired partial uploads are looked for.
     #[serde(with = "humantime_serde")]
     pub gc_interval: Duration,
+    /// `[storage.s3]`: the bucket, used when `backend = "s3"`.
+    pub s3: S3Config,
+}
+
+/// Which store holds the blobs.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// Content-addressed files under `storage.data_dir`.
+    #[default]
+    Local,
+    /// Objects in an S3-compatible bucket (AWS S3, MinIO, Ceph RGW, Garage).
+    S3,
+}
+
+impl Backend {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::Local => "local",
+            Backend::S3 => "s3",
+        }
+    }
+}
+
+/// `[storage.s3]`: where and how blobs are stored in S3. Credentials are never
+/// read from here: they come from `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY`
+/// (and `AWS_SESSION_TOKEN`) or from the file named by `credentials_file`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct S3Config {
+    /// Endpoint URL; empty means AWS S3 in `region`.
+    pub endpoint: String,
+    pub region: String,
+    pub bucket: String,
+    /// Prepended to every key (`blobs/...`, `uploads/...`), e.g. `memgate/`.
+    pub prefix: String,
+    /// Path-style requests (`endpoint/bucket/key`) instead of virtual-hosted ones.
+    pub path_style: bool,
+    /// An AWS shared-credentials file (INI); re-read when it changes.
+    pub credentials_file: PathBuf,
+    /// The profile to use in `credentials_file`.
+    pub profile: String,
+    /// Size of each multipart part; the memory one upload holds is about
+    /// `part_size * (parts_in_flight + 1)`.
+    pub part_size: ByteSize,
+    /// Parts uploaded concurrently per Write stream.
+    pub parts_in_flight: usize,
+    /// Longest a single request to the store may take.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Longest a connection attempt may take.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Retries of a failed request (connection errors, 5xx, throttling).
+    pub max_retries: usize,
+    /// Longest all retries of one request may take together.
+    #[serde(with = "humantime_serde")]
+    pub retry_timeout: Duration,
+    /// How often readiness checks that the bucket is reachable.
+    #[serde(with = "humantime_serde")]
+    pub health_interval: Duration,
+}
+
+impl Default for S3Config {
+    fn default() -> Self {
+        Self {
+            endpoint: String::new(),
+            region: "us-east-1".into(),
+            bucket: String::new(),
+            prefix: String::new(),
+            path_style: false,
+            credentials_file: PathBuf::new(),
+            profile: "default".into(),
+            part_size: ByteSize::mib(8),
+            parts_in_flight: 4,
+            request_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(5),
+            max_retries: 3,
+            retry_timeout: Duration::from_secs(15),
+            health_interval: Duration::from_secs(10),
+        }
+    }
+}
+
+impl S3Config {
+    /// Memory one Write stream holds in part buffers: the part being filled plus
+    /// the parts in flight.
+    pub fn stream_buffer(&self) -> u64 {
+        self.part_size.as_u64() * (self.parts_in_flight as u64 + 1)
+    }
 }
 
 impl Default for StorageConfig {
     fn default() -> Self {
         Self {
+            backend: Backend::Local,
+            s3: S3Config::default(),
             data_dir: PathBuf::from(DEFAULT_DATA_DIR),
             max_blob_size: DEFAULT_MAX_BLOB_SIZE,
             read_chunk_size: DEFAULT_READ_CHUNK_SIZE,
@@ -363,7 +457,67 @@ impl Config {
         if let Err(e) = log_filter(&self.log.level) {
             return Err(ConfigError::invalid("log.level", e.to_string()));
         }
+        if s.backend == Backend::S3 {
+            s.s3.validate()?;
+        }
         self.memory.validate()
+    }
+}
+
+impl S3Config {
+    /// Checked only when the backend is `s3`, so the local default needs no bucket.
+    fn validate(&self) -> Result<(), ConfigError> {
+        const MIN_PART: u64 = 5 * 1024 * 1024; // S3's minimum for all parts but the last
+        const MAX_PART: u64 = 5 * 1024 * 1024 * 1024;
+        if self.bucket.is_empty() {
+            return Err(ConfigError::invalid(
+                "storage.s3.bucket",
+                "must be set when storage.backend = \"s3\"",
+            ));
+        }
+        let e = &self.endpoint;
+        if !(e.is_empty() || e.starts_with("http://") || e.starts_with("https://")) {
+            return Err(ConfigError::invalid(
+                "storage.s3.endpoint",
+                "must start with http:// or https://",
+            ));
+        }
+        if self.region.is_empty() {
+            return Err(ConfigError::invalid(
+                "storage.s3.region",
+                "must not be empty",
+            ));
+        }
+        let part = self.part_size.as_u64();
+        if !(MIN_PART..=MAX_PART).contains(&part) {
+            return Err(ConfigError::invalid(
+                "storage.s3.part_size",
+                "must be between 5MiB and 5GiB (S3's limits for a part)",
+            ));
+        }
+        if !(1..=64).contains(&self.parts_in_flight) {
+            return Err(ConfigError::invalid(
+                "storage.s3.parts_in_flight",
+                "must be between 1 and 64",
+            ));
+        }
+        for (key, d) in [
+            ("storage.s3.request_timeout", self.request_timeout),
+            ("storage.s3.connect_timeout", self.connect_timeout),
+            ("storage.s3.retry_timeout", self.retry_timeout),
+            ("storage.s3.health_interval", self.health_interval),
+        ] {
+            if d.is_zero() {
+                return Err(ConfigError::invalid(key, "must be longer than 0s"));
+            }
+        }
+        if self.max_retries > 20 {
+            return Err(ConfigError::invalid(
+                "storage.s3.max_retries",
+                "must be at most 20",
+            ));
+        }
+        Ok(())
     }
 }
 

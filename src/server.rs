@@ -16,7 +16,7 @@ use crate::admin::{health::Health, http as admin_http, metrics::Metrics};
 use crate::api::{
     ByteStreamService, PayloadService, access_log::AccessLogLayer, bytestream::MAX_STREAM_MESSAGE,
 };
-use crate::config::Config;
+use crate::config::{Backend, Config};
 use crate::guard::{
     Guard,
     discover::Roots,
@@ -27,7 +27,7 @@ use crate::proto::{
     FILE_DESCRIPTOR_SET, bytestream::byte_stream_server::ByteStreamServer,
     memgate_v1::payload_server::PayloadServer,
 };
-use crate::store::{LocalStore, spawn_gc};
+use crate::store::{self, Store, spawn_gc};
 
 /// The HTTP/2 stream window. Throughput is bounded by window / RTT and by how
 /// much slack the receiver has while it is busy hashing and writing: measured on
@@ -62,11 +62,19 @@ pub fn method_table(cfg: &Config) -> MethodTable {
     let window = STREAM_WINDOW as u64;
     let read_chunk = cfg.storage.read_chunk_size.as_u64();
     let max_message = cfg.server.max_message_size.as_u64();
+    // With S3, a Write also holds the multipart part being filled and the parts
+    // in flight.
+    let part_buffers = match cfg.storage.backend {
+        Backend::Local => 0,
+        Backend::S3 => cfg.storage.s3.stream_buffer(),
+    };
     MethodTable::new(Estimate::Fixed(SMALL_CALL))
         // The HTTP/2 window hyper may buffer plus the chunks in flight: never the blob size.
         .method(
             "/google.bytestream.ByteStream/Write",
-            Estimate::Fixed(window + WRITE_CHUNKS_IN_FLIGHT * MAX_STREAM_MESSAGE as u64),
+            Estimate::Fixed(
+                window + WRITE_CHUNKS_IN_FLIGHT * MAX_STREAM_MESSAGE as u64 + part_buffers,
+            ),
         )
         // The store's read-ahead (two chunks), one being encoded, and the send window.
         .method(
@@ -122,7 +130,7 @@ pub struct Server {
     guard: Guard,
     health: Health,
     health_service: HealthServer<HealthService>,
-    store: LocalStore,
+    store: Store,
     metrics: Metrics,
 }
 
@@ -144,7 +152,8 @@ impl Server {
     /// the observer that guard was started with, or admissions go uncounted.
     pub async fn with_guard(cfg: Config, guard: Guard, metrics: Metrics) -> anyhow::Result<Self> {
         let (health, health_service) = Health::new().await;
-        let store = LocalStore::open(&cfg.storage)?;
+        let store = store::open(&cfg.storage, Arc::new(metrics.clone()))?;
+        metrics.set_backend(cfg.storage.backend);
         Ok(Self {
             cfg,
             guard,
@@ -161,6 +170,10 @@ impl Server {
 
     pub fn health(&self) -> &Health {
         &self.health
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
     }
 
     /// Serves gRPC on `grpc` and, if given, the admin routes on `admin`, until
@@ -186,6 +199,7 @@ impl Server {
             cfg.storage.gc_interval,
             cfg.storage.partial_upload_expiry,
         );
+        let _reachability = spawn_reachability(&store, &health, cfg.storage.s3.health_interval);
         let max_message = cfg.server.max_message_size.as_u64() as usize;
         let bytestream = ByteStreamServer::new(ByteStreamService::new(
             store,
@@ -234,7 +248,10 @@ impl Server {
             version = env!("CARGO_PKG_VERSION"),
             grpc_addr = %addr,
             admin_addr = admin_addr.map(|a| a.to_string()),
-            data_dir = %cfg.storage.data_dir.display(),
+            backend = cfg.storage.backend.as_str(),
+            data_dir = (cfg.storage.backend == Backend::Local)
+                .then(|| cfg.storage.data_dir.display().to_string()),
+            bucket = (cfg.storage.backend == Backend::S3).then_some(cfg.storage.s3.bucket.as_str()),
             guard = if cfg.memory.enabled { "on" } else { "off" },
             limit = snap.limit.bytes,
             limit_source = %snap.limit.source,
@@ -291,4 +308,30 @@ impl Server {
         let _ = admin_stop.send(());
         Ok(())
     }
+}
+
+/// Checks that the store is reachable now and every `interval`, telling
+/// readiness. Only object stores can become unreachable; local disk skips it.
+fn spawn_reachability(
+    store: &Store,
+    health: &Health,
+    interval: std::time::Duration,
+) -> Option<tokio::task::JoinHandle<()>> {
+    if store.backend() == Backend::Local {
+        return None;
+    }
+    // Not ready until the first check says the bucket answers.
+    health.set_storage(Err("checking that the object store is reachable".into()));
+    let weak = Arc::downgrade(store);
+    let health = health.clone();
+    Some(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(store) = weak.upgrade() else { return };
+            let status = store.check_reachable().await.map_err(|e| e.to_string());
+            health.set_storage(status);
+        }
+    }))
 }

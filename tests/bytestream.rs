@@ -4,6 +4,7 @@
 //! and garbage collection of abandoned partial uploads.
 
 mod support;
+mod support_s3;
 
 use std::{path::Path, time::Duration};
 
@@ -12,9 +13,10 @@ use memgate::{
     api::resource::{Digest, parse_write_name},
     config::StorageConfig,
     proto::bytestream::{ReadRequest, WriteRequest, byte_stream_client::ByteStreamClient},
-    store::{LocalStore, StoreError},
+    store::{BlobStore, LocalStore, StoreError},
 };
 use support::*;
+use support_s3::{Kind, Storage};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, transport::Channel};
@@ -57,9 +59,9 @@ async fn finish_and_verify(
     assert_eq!(read_digest(client, &d.read_name()).await.expect("Read"), d);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn round_trip_of_a_150mb_blob() {
-    let server = TestServer::start(|_| {}).await;
+async fn round_trip_of_a_150mb_blob(kind: Kind) {
+    let storage = Storage::new(kind);
+    let server = TestServer::start(|c| storage.configure(c)).await;
     let mut client = server.bytestream();
     let data = payload(BIG, 1);
     let d = digest(&data);
@@ -74,9 +76,10 @@ async fn round_trip_of_a_150mb_blob() {
         query(&mut client, &name).await.expect("QueryWriteStatus"),
         (BIG as i64, true)
     );
-    assert!(
-        partials(server.data_dir()).is_empty(),
-        "the partial upload must become the blob"
+    assert_eq!(
+        storage.stored(server.data_dir()).await,
+        [storage.blob_entry(server.data_dir(), &d.hex())],
+        "the partial upload must become the blob, and nothing else stays"
     );
 
     // The whole blob, checking that it arrives in read_chunk_size pieces.
@@ -127,9 +130,9 @@ async fn round_trip_of_a_150mb_blob() {
     server.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn upload_resumes_after_the_client_disconnects() {
-    let server = TestServer::start(|_| {}).await;
+async fn upload_resumes_after_the_client_disconnects(kind: Kind) {
+    let storage = Storage::new(kind);
+    let server = TestServer::start(|c| storage.configure(c)).await;
     let mut client = server.bytestream();
     let data = payload(48 * MIB + 3, 2);
     let d = digest(&data);
@@ -140,18 +143,32 @@ async fn upload_resumes_after_the_client_disconnects() {
     let mut writer = server.bytestream();
     let task = tokio::spawn(async move { writer.write(ReceiverStream::new(rx)).await });
     let requests = write_requests(&name, &data, 0, CHUNK, true);
+    let (sent, all_sent) = tokio::sync::oneshot::channel();
     let feeder = tokio::spawn(async move {
         for r in requests.into_iter().take(24) {
             if tx.send(r).await.is_err() {
                 return;
             }
         }
+        let _ = sent.send(());
         // Keep the stream open (no half-close): the end comes from the abort.
         std::future::pending::<()>().await;
     });
-    wait_for_committed(&mut client, &name, |c| c >= 4 * MIB as i64).await;
+    match kind {
+        // Local disk: QueryWriteStatus reports bytes as they land.
+        Kind::Local => {
+            wait_for_committed(&mut client, &name, |c| c >= 4 * MIB as i64).await;
+        }
+        // S3: what a stream receives becomes a staging object when the stream
+        // ends. The client handing over 24 MiB means the server took most of it
+        // (the HTTP/2 window holds 4 MiB).
+        Kind::S3 => all_sent.await.expect("the feeder sent 24 messages"),
+    }
     task.abort();
     assert!(task.await.expect_err("aborted").is_cancelled());
+    if kind == Kind::S3 {
+        wait_for_committed(&mut client, &name, |c| c > 0).await;
+    }
 
     let committed = wait_committed_stable(&mut client, &name).await;
     feeder.abort();
@@ -222,9 +239,9 @@ async fn upload_resumes_after_the_client_disconnects() {
     server.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn half_closed_write_reports_what_was_committed_and_resumes() {
-    let server = TestServer::start(|_| {}).await;
+async fn half_closed_write_reports_what_was_committed_and_resumes(kind: Kind) {
+    let storage = Storage::new(kind);
+    let server = TestServer::start(|c| storage.configure(c)).await;
     let mut client = server.bytestream();
     let data = payload(5 * MIB + 17, 3);
     let d = digest(&data);
@@ -258,15 +275,15 @@ async fn half_closed_write_reports_what_was_committed_and_resumes() {
     server.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn upload_resumes_after_a_server_restart() {
+async fn upload_resumes_after_a_server_restart(kind: Kind) {
+    let storage = Storage::new(kind);
     let dir = tempfile::tempdir().expect("data dir");
     let data = payload(6 * MIB + 5, 6);
     let d = digest(&data);
     let name = write_name(&d);
     let head = data.slice(..3 * MIB);
 
-    let server = TestServer::start_in(dir.path(), |_| {}).await;
+    let server = TestServer::start_in(dir.path(), |c| storage.configure(c)).await;
     let mut client = server.bytestream();
     let stored = Stored::put(&mut client, 7).await;
     let resp = client
@@ -279,7 +296,7 @@ async fn upload_resumes_after_a_server_restart() {
     drop(client);
     server.stop().await;
 
-    let server = TestServer::start_in(dir.path(), |_| {}).await;
+    let server = TestServer::start_in(dir.path(), |c| storage.configure(c)).await;
     let mut client = server.bytestream();
     assert_eq!(
         query(&mut client, &name).await.expect("QueryWriteStatus"),
@@ -392,9 +409,9 @@ async fn cli_upload_without_resume_starts_afresh() {
     server.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn malformed_names_are_invalid_argument() {
-    let server = TestServer::start(|_| {}).await;
+async fn malformed_names_are_invalid_argument(kind: Kind) {
+    let storage = Storage::new(kind);
+    let server = TestServer::start(|c| storage.configure(c)).await;
     let mut client = server.bytestream();
     let stored = Stored::put(&mut client, 10).await;
     let real = stored.digest.hex();
@@ -448,15 +465,15 @@ async fn malformed_names_are_invalid_argument() {
             .await;
     }
     assert!(
-        partials(server.data_dir()).is_empty(),
+        storage.partials(server.data_dir()).await.is_empty(),
         "a refused name created a partial upload"
     );
     server.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn negative_offsets_and_limits_are_invalid_argument() {
-    let server = TestServer::start(|_| {}).await;
+async fn negative_offsets_and_limits_are_invalid_argument(kind: Kind) {
+    let storage = Storage::new(kind);
+    let server = TestServer::start(|c| storage.configure(c)).await;
     let mut client = server.bytestream();
     let stored = Stored::put(&mut client, 20).await;
     let name = stored.digest.read_name();
@@ -515,9 +532,9 @@ async fn negative_offsets_and_limits_are_invalid_argument() {
     server.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn wrong_digest_on_finish_stores_nothing() {
-    let server = TestServer::start(|_| {}).await;
+async fn wrong_digest_on_finish_stores_nothing(kind: Kind) {
+    let storage = Storage::new(kind);
+    let server = TestServer::start(|c| storage.configure(c)).await;
     let mut client = server.bytestream();
     let stored = Stored::put(&mut client, 30).await;
 
@@ -557,14 +574,19 @@ async fn wrong_digest_on_finish_stores_nothing() {
         Code::NotFound,
         "QueryWriteStatus after a mismatch",
     );
-    assert!(partials(server.data_dir()).is_empty());
+    // The store's own listing (the bucket, for S3) holds the earlier blob and nothing else.
+    assert!(storage.partials(server.data_dir()).await.is_empty());
+    assert_eq!(
+        storage.stored(server.data_dir()).await,
+        [storage.blob_entry(server.data_dir(), &stored.digest.hex())]
+    );
     stored.assert_intact(&mut client, "a digest mismatch").await;
     server.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fewer_bytes_than_declared_at_finish_is_invalid_argument() {
-    let server = TestServer::start(|_| {}).await;
+async fn fewer_bytes_than_declared_at_finish_is_invalid_argument(kind: Kind) {
+    let storage = Storage::new(kind);
+    let server = TestServer::start(|c| storage.configure(c)).await;
     let mut client = server.bytestream();
     let stored = Stored::put(&mut client, 40).await;
 
@@ -599,9 +621,9 @@ async fn fewer_bytes_than_declared_at_finish_is_invalid_argument() {
     server.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn more_bytes_than_declared_is_invalid_argument() {
-    let server = TestServer::start(|_| {}).await;
+async fn more_bytes_than_declared_is_invalid_argument(kind: Kind) {
+    let storage = Storage::new(kind);
+    let server = TestServer::start(|c| storage.configure(c)).await;
     let mut client = server.bytestream();
     let stored = Stored::put(&mut client, 50).await;
 
@@ -654,10 +676,14 @@ async fn more_bytes_than_declared_is_invalid_argument() {
     server.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn size_over_max_blob_size_is_invalid_argument() {
+async fn size_over_max_blob_size_is_invalid_argument(kind: Kind) {
+    let storage = Storage::new(kind);
     const MAX: u64 = 4 * 1024 * 1024;
-    let server = TestServer::start(|c| c.storage.max_blob_size = bytesize::ByteSize::b(MAX)).await;
+    let server = TestServer::start(|c| {
+        storage.configure(c);
+        c.storage.max_blob_size = bytesize::ByteSize::b(MAX);
+    })
+    .await;
     let mut client = server.bytestream();
     let stored = Stored::put(&mut client, 60).await;
 
@@ -674,7 +700,7 @@ async fn size_over_max_blob_size_is_invalid_argument() {
         s.message()
     );
     assert!(
-        partials(server.data_dir()).is_empty(),
+        storage.partials(server.data_dir()).await.is_empty(),
         "an oversized upload created a partial"
     );
     stored
@@ -692,9 +718,9 @@ async fn size_over_max_blob_size_is_invalid_argument() {
     server.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unknown_blob_and_upload_are_not_found() {
-    let server = TestServer::start(|_| {}).await;
+async fn unknown_blob_and_upload_are_not_found(kind: Kind) {
+    let storage = Storage::new(kind);
+    let server = TestServer::start(|c| storage.configure(c)).await;
     let mut client = server.bytestream();
     let stored = Stored::put(&mut client, 70).await;
     let unknown = digest(b"never uploaded");
@@ -725,9 +751,9 @@ async fn unknown_blob_and_upload_are_not_found() {
     server.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn read_offset_past_the_end_is_out_of_range() {
-    let server = TestServer::start(|_| {}).await;
+async fn read_offset_past_the_end_is_out_of_range(kind: Kind) {
+    let storage = Storage::new(kind);
+    let server = TestServer::start(|c| storage.configure(c)).await;
     let mut client = server.bytestream();
     let stored = Stored::put(&mut client, 80).await;
     let size = stored.digest.size as i64;
@@ -758,9 +784,9 @@ async fn read_offset_past_the_end_is_out_of_range() {
     server.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_second_concurrent_writer_of_the_same_upload_is_aborted() {
-    let server = TestServer::start(|_| {}).await;
+async fn a_second_concurrent_writer_of_the_same_upload_is_aborted(kind: Kind) {
+    let storage = Storage::new(kind);
+    let server = TestServer::start(|c| storage.configure(c)).await;
     let mut client = server.bytestream();
     let data = payload(4 * MIB + 1, 90);
     let d = digest(&data);
@@ -771,15 +797,33 @@ async fn a_second_concurrent_writer_of_the_same_upload_is_aborted() {
     let mut first = server.bytestream();
     let first_call = tokio::spawn(async move { first.write(ReceiverStream::new(rx)).await });
     tx.send(requests[0].clone()).await.expect("first chunk");
-    wait_for_committed(&mut client, &name, |c| c == CHUNK as i64).await;
-
-    // Same upload name, on another connection, at the right offset: still refused.
     let second = write_requests(&name, &data.slice(CHUNK..), CHUNK as u64, CHUNK, true);
-    let s = expect_code(
-        server.bytestream().write(tokio_stream::iter(second)).await,
-        Code::Aborted,
-        "second writer",
-    );
+    let s = match kind {
+        Kind::Local => {
+            wait_for_committed(&mut client, &name, |c| c == CHUNK as i64).await;
+            // Same upload name, on another connection, at the right offset: still refused.
+            expect_code(
+                server.bytestream().write(tokio_stream::iter(second)).await,
+                Code::Aborted,
+                "second writer",
+            )
+        }
+        // S3 shows no progress until a stream ends; the second writer is refused
+        // for its offset until the first stream holds the upload, then ABORTED.
+        Kind::S3 => {
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            loop {
+                let reqs = second.clone();
+                match server.bytestream().write(tokio_stream::iter(reqs)).await {
+                    Err(s) if s.code() == Code::Aborted => break s,
+                    Err(s) if s.code() == Code::InvalidArgument => {}
+                    other => panic!("second writer: {other:?}"),
+                }
+                assert!(std::time::Instant::now() < deadline, "never ABORTED");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
     assert!(
         s.message().contains("another Write stream"),
         "{:?}",
@@ -803,9 +847,9 @@ async fn a_second_concurrent_writer_of_the_same_upload_is_aborted() {
     server.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn writing_an_existing_blob_succeeds_without_reading_the_rest() {
-    let server = TestServer::start(|_| {}).await;
+async fn writing_an_existing_blob_succeeds_without_reading_the_rest(kind: Kind) {
+    let storage = Storage::new(kind);
+    let server = TestServer::start(|c| storage.configure(c)).await;
     let mut client = server.bytestream();
     let stored = Stored::put(&mut client, 100).await;
 
@@ -830,7 +874,7 @@ async fn writing_an_existing_blob_succeeds_without_reading_the_rest() {
         (stored.digest.size as i64, true)
     );
     assert!(
-        partials(server.data_dir()).is_empty(),
+        storage.partials(server.data_dir()).await.is_empty(),
         "a duplicate upload created a partial"
     );
     stored
@@ -839,9 +883,9 @@ async fn writing_an_existing_blob_succeeds_without_reading_the_rest() {
     server.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn resource_name_changing_mid_stream_is_invalid_argument() {
-    let server = TestServer::start(|_| {}).await;
+async fn resource_name_changing_mid_stream_is_invalid_argument(kind: Kind) {
+    let storage = Storage::new(kind);
+    let server = TestServer::start(|c| storage.configure(c)).await;
     let mut client = server.bytestream();
     let stored = Stored::put(&mut client, 110).await;
 
@@ -1036,9 +1080,9 @@ async fn garbage_collection_removes_expired_partials_but_not_active_ones() {
     assert!(partials(dir.path()).is_empty());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn empty_blob_round_trip() {
-    let server = TestServer::start(|_| {}).await;
+async fn empty_blob_round_trip(kind: Kind) {
+    let storage = Storage::new(kind);
+    let server = TestServer::start(|c| storage.configure(c)).await;
     let mut client = server.bytestream();
     let d = digest(b"");
     assert_eq!(d.hex(), H);
@@ -1066,9 +1110,9 @@ async fn empty_blob_round_trip() {
     server.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn write_stream_without_messages_is_invalid_argument() {
-    let server = TestServer::start(|_| {}).await;
+async fn write_stream_without_messages_is_invalid_argument(kind: Kind) {
+    let storage = Storage::new(kind);
+    let server = TestServer::start(|c| storage.configure(c)).await;
     let mut client = server.bytestream();
     let stored = Stored::put(&mut client, 140).await;
     let s = expect_code(
@@ -1086,9 +1130,9 @@ async fn write_stream_without_messages_is_invalid_argument() {
 }
 
 // A Write refused for its offset must not create an (empty) partial upload.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_write_refused_for_its_offset_leaves_nothing_behind() {
-    let server = TestServer::start(|_| {}).await;
+async fn a_write_refused_for_its_offset_leaves_nothing_behind(kind: Kind) {
+    let storage = Storage::new(kind);
+    let server = TestServer::start(|c| storage.configure(c)).await;
     let mut client = server.bytestream();
     let stored = Stored::put(&mut client, 150).await;
     let data = payload(MIB, 151);
@@ -1117,9 +1161,52 @@ async fn a_write_refused_for_its_offset_leaves_nothing_behind() {
         "QueryWriteStatus of a refused upload",
     );
     assert!(
-        partials(server.data_dir()).is_empty(),
+        storage.partials(server.data_dir()).await.is_empty(),
         "left behind: {:?}",
-        partials(server.data_dir())
+        storage.partials(server.data_dir()).await
     );
     server.stop().await;
 }
+
+/// Runs each test above against local disk and against S3 (a real Garage).
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod local {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Kind::Local).await
+                }
+            )*
+        }
+        mod s3 {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Kind::S3).await
+                }
+            )*
+        }
+    };
+}
+
+on_both_backends!(
+    round_trip_of_a_150mb_blob,
+    upload_resumes_after_the_client_disconnects,
+    half_closed_write_reports_what_was_committed_and_resumes,
+    upload_resumes_after_a_server_restart,
+    malformed_names_are_invalid_argument,
+    negative_offsets_and_limits_are_invalid_argument,
+    wrong_digest_on_finish_stores_nothing,
+    fewer_bytes_than_declared_at_finish_is_invalid_argument,
+    more_bytes_than_declared_is_invalid_argument,
+    size_over_max_blob_size_is_invalid_argument,
+    unknown_blob_and_upload_are_not_found,
+    read_offset_past_the_end_is_out_of_range,
+    a_second_concurrent_writer_of_the_same_upload_is_aborted,
+    writing_an_existing_blob_succeeds_without_reading_the_rest,
+    resource_name_changing_mid_stream_is_invalid_argument,
+    empty_blob_round_trip,
+    write_stream_without_messages_is_invalid_argument,
+    a_write_refused_for_its_offset_leaves_nothing_behind,
+);

@@ -94,12 +94,24 @@ fn the_example_file_documents_every_key() {
         commented = line.starts_with('#');
     }
     let defaults = serde_json::to_value(Config::default()).expect("serialize defaults");
-    let mut keys = Vec::new();
-    for (section, table) in defaults.as_object().expect("sections") {
-        for key in table.as_object().expect("keys").keys() {
-            keys.push(format!("{section}.{key}"));
+    // Every leaf key, with nested tables ([storage.s3]) spelled out.
+    fn leaves(prefix: &str, value: &serde_json::Value, out: &mut Vec<String>) {
+        match value.as_object() {
+            Some(table) => {
+                for (key, v) in table {
+                    let path = if prefix.is_empty() {
+                        key.clone()
+                    } else {
+                        format!("{prefix}.{key}")
+                    };
+                    leaves(&path, v, out);
+                }
+            }
+            None => out.push(prefix.to_owned()),
         }
     }
+    let mut keys = Vec::new();
+    leaves("", &defaults, &mut keys);
     keys.sort();
     found.sort();
     assert_eq!(found, keys, "keys in config/memgate.toml vs. Config");
@@ -415,4 +427,37 @@ fn log_filters_may_have_spaces_between_directives() {
     let cfg = load_str("[log]\nlevel = \"memgate=debug, tower=warn ,info\"\n").expect("loads");
     assert_eq!(cfg.log.level, "memgate=debug, tower=warn ,info");
     load_err("[log]\nlevel = \"memgate=nonsense\"\n", &["log.level"]);
+}
+
+#[test]
+fn s3_settings_are_checked_only_for_the_s3_backend() {
+    // The local default needs no bucket, and unused [storage.s3] values are not judged.
+    load_str("[storage.s3]\npart_size = \"1MiB\"\n")
+        .expect("s3 settings are ignored with the local backend");
+    load_err("[storage]\nbackend = \"s3\"\n", &["storage.s3.bucket"]);
+    load_err("[storage]\nbackend = \"ftp\"\n", &["backend", "ftp"]);
+    let s3 = "[storage]\nbackend = \"s3\"\n[storage.s3]\nbucket = \"b\"\n";
+    load_err(
+        &format!("{s3}part_size = \"4MiB\"\n"),
+        &["storage.s3.part_size", "5MiB"],
+    );
+    load_err(
+        &format!("{s3}parts_in_flight = 0\n"),
+        &["storage.s3.parts_in_flight"],
+    );
+    load_err(
+        &format!("{s3}endpoint = \"garage:3900\"\n"),
+        &["storage.s3.endpoint", "http://"],
+    );
+    load_err(
+        &format!("{s3}retry_timeout = \"0s\"\n"),
+        &["storage.s3.retry_timeout"],
+    );
+    load_err(
+        &format!("{s3}secret_access_key = \"x\"\n"),
+        &["secret_access_key"],
+    );
+    let cfg = load_str(s3).expect("minimal s3 config");
+    assert_eq!(cfg.storage.backend, memgate::config::Backend::S3);
+    assert_eq!(cfg.storage.s3.bucket, "b");
 }

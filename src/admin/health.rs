@@ -7,11 +7,12 @@
 //! uploads and frees nothing the guard could not. It fails only when the server
 //! is stuck: the guard's sampler has stopped refreshing, or this task itself was
 //! not scheduled for far longer than its tick. Readiness fails during start-up,
-//! at critical memory pressure, and from the moment shutdown begins.
+//! while the object store is unreachable, at critical memory pressure, and from
+//! the moment shutdown begins.
 
 use std::{
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
     time::{Duration, Instant},
@@ -68,8 +69,10 @@ pub struct HealthState {
 
 /// What [`evaluate`] looks at.
 #[derive(Debug, Clone, Copy)]
-pub struct Inputs {
+pub struct Inputs<'a> {
     pub started: bool,
+    /// Why the blob store cannot serve (the object store is unreachable), if so.
+    pub storage_problem: Option<&'a str>,
     pub shutting_down: bool,
     pub pressure: Pressure,
     /// How long pressure has been below critical (zero while critical).
@@ -82,7 +85,7 @@ pub struct Inputs {
 }
 
 /// The health decision.
-pub fn evaluate(i: Inputs) -> HealthState {
+pub fn evaluate(i: Inputs<'_>) -> HealthState {
     // Several missed intervals, and never less than 2 s: a busy blocking pool may
     // delay one reading, not many.
     let stale_after = (i.poll_interval * 10).max(Duration::from_secs(2));
@@ -104,6 +107,8 @@ pub fn evaluate(i: Inputs) -> HealthState {
         Probe::fail("shutting down".into())
     } else if !i.started {
         Probe::fail("starting".into())
+    } else if let Some(problem) = i.storage_problem {
+        Probe::fail(format!("storage unavailable: {problem}"))
     } else if i.pressure == Pressure::Critical {
         Probe::fail("memory pressure critical: not admitting new work".into())
     } else if i.calm_for < READY_HOLD {
@@ -129,6 +134,7 @@ struct Inner {
     state: watch::Sender<HealthState>,
     started: AtomicBool,
     shutting_down: AtomicBool,
+    storage_problem: Mutex<Option<String>>,
     wake: Notify,
 }
 
@@ -147,6 +153,7 @@ impl Health {
                 state: watch::channel(initial.clone()).0,
                 started: AtomicBool::new(false),
                 shutting_down: AtomicBool::new(false),
+                storage_problem: Mutex::new(None),
                 wake: Notify::new(),
             }),
         };
@@ -168,6 +175,24 @@ impl Health {
     pub fn set_started(&self) {
         self.inner.started.store(true, Ordering::SeqCst);
         self.inner.wake.notify_one();
+    }
+
+    /// The blob store's reachability: `Err(reason)` keeps readiness NOT_SERVING
+    /// with that reason until an `Ok(())`.
+    pub fn set_storage(&self, status: Result<(), String>) {
+        let mut problem = self
+            .inner
+            .storage_problem
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if problem.as_ref() != status.as_ref().err() {
+            match &status {
+                Ok(()) => tracing::info!("storage reachable again"),
+                Err(reason) => tracing::warn!(%reason, "storage unreachable"),
+            }
+            *problem = status.err();
+            self.inner.wake.notify_one();
+        }
     }
 
     /// Shutdown began: readiness turns NOT_SERVING at once and stays so.
@@ -231,8 +256,15 @@ impl Health {
                     (_, None) => calm_since = Some(now),
                     _ => {}
                 }
+                let storage_problem = health
+                    .inner
+                    .storage_problem
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
                 let new = evaluate(Inputs {
                     started: health.inner.started.load(Ordering::SeqCst),
+                    storage_problem: storage_problem.as_deref(),
                     shutting_down: health.inner.shutting_down.load(Ordering::SeqCst),
                     pressure,
                     calm_for: calm_since.map_or(Duration::ZERO, |t| now - t),
@@ -253,9 +285,10 @@ impl Health {
 mod tests {
     use super::*;
 
-    fn base() -> Inputs {
+    fn base() -> Inputs<'static> {
         Inputs {
             started: true,
+            storage_problem: None,
             shutting_down: false,
             pressure: Pressure::Normal,
             calm_for: Duration::from_secs(60),
@@ -310,5 +343,17 @@ mod tests {
             ..base()
         });
         assert!(!s.live.ok && s.live.reason.contains("stalled"));
+        let s = evaluate(Inputs {
+            storage_problem: Some("connection refused"),
+            ..base()
+        });
+        assert!(
+            s.live.ok,
+            "an unreachable object store never fails liveness"
+        );
+        assert!(
+            !s.ready.ok && s.ready.reason == "storage unavailable: connection refused",
+            "{s:?}"
+        );
     }
 }

@@ -36,6 +36,27 @@ const DURATION_BUCKETS: [f64; 16] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
 ];
 
+/// From a HEAD on loopback (under 1 ms) to an 8 MiB part over a slow link.
+const STORE_BUCKETS: [f64; 14] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OpOutcome {
+    op: &'static str,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OpLabel {
+    op: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BackendLabel {
+    backend: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct MethodLabel {
     method: &'static str,
@@ -73,6 +94,9 @@ struct Inner {
     sent: Family<MethodLabel, Counter>,
     duration: Histograms<MethodCode>,
     requests: Family<MethodCode, Counter>,
+    backend: Family<BackendLabel, Gauge>,
+    store_requests: Family<OpOutcome, Counter>,
+    store_duration: Histograms<OpLabel>,
 }
 
 impl Default for Metrics {
@@ -148,8 +172,31 @@ impl Metrics {
             "Calls finished, by gRPC status; \"cancelled\" includes clients that went away",
             requests.clone(),
         );
+        let backend = Family::default();
+        r.register(
+            "storage_backend",
+            "The blob store in use: 1 for the configured backend",
+            backend.clone(),
+        );
+        let store_requests = Family::default();
+        r.register(
+            "object_store_requests",
+            "Requests to the object store (s3 backend), by operation and outcome",
+            store_requests.clone(),
+        );
+        let store_duration: Histograms<OpLabel> =
+            Family::new_with_constructor(|| Histogram::new(STORE_BUCKETS));
+        r.register_with_unit(
+            "object_store_request_duration",
+            "Time each object-store request took, retries included",
+            Unit::Seconds,
+            store_duration.clone(),
+        );
         let inner = Inner {
             registry: r,
+            backend,
+            store_requests,
+            store_duration,
             admitted,
             queued,
             rejected,
@@ -164,6 +211,16 @@ impl Metrics {
         Self {
             inner: Arc::new(inner),
         }
+    }
+
+    /// Marks `backend` as the blob store in use.
+    pub fn set_backend(&self, backend: crate::config::Backend) {
+        self.inner
+            .backend
+            .get_or_create(&BackendLabel {
+                backend: backend.as_str(),
+            })
+            .set(1);
     }
 
     /// A call began. `method` comes from [`method_label`].
@@ -276,6 +333,18 @@ fn code_label(code: Option<Code>) -> &'static str {
         Some(Code::Unavailable) => "unavailable",
         Some(Code::DataLoss) => "data_loss",
         Some(Code::Unauthenticated) => "unauthenticated",
+    }
+}
+
+impl crate::store::RequestObserver for Metrics {
+    fn object_store_request(&self, op: &'static str, outcome: &'static str, elapsed: Duration) {
+        let i = &self.inner;
+        i.store_requests
+            .get_or_create(&OpOutcome { op, outcome })
+            .inc();
+        i.store_duration
+            .get_or_create(&OpLabel { op })
+            .observe(elapsed.as_secs_f64());
     }
 }
 

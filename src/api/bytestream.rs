@@ -4,7 +4,7 @@
 
 use std::pin::Pin;
 
-use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::resource::{parse_read_name, parse_write_name};
@@ -12,7 +12,7 @@ use crate::proto::bytestream::{
     QueryWriteStatusRequest, QueryWriteStatusResponse, ReadRequest, ReadResponse, WriteRequest,
     WriteResponse, byte_stream_server::ByteStream,
 };
-use crate::store::{LocalStore, StoreError};
+use crate::store::{Store, StoreError};
 
 /// Largest single `WriteRequest` accepted. Clients send 16 KiB to 1 MiB chunks; the
 /// cap bounds each stream's decode buffer, which the guard reserves for.
@@ -21,12 +21,12 @@ pub const MAX_STREAM_MESSAGE: usize = 4 * 1024 * 1024;
 /// The ByteStream service.
 #[derive(Clone)]
 pub struct ByteStreamService {
-    store: LocalStore,
+    store: Store,
     read_chunk: usize,
 }
 
 impl ByteStreamService {
-    pub fn new(store: LocalStore, read_chunk: usize) -> Self {
+    pub fn new(store: Store, read_chunk: usize) -> Self {
         Self { store, read_chunk }
     }
 }
@@ -47,11 +47,11 @@ impl ByteStream for ByteStreamService {
         let name = parse_read_name(&req.resource_name)?;
         let offset = non_negative(req.read_offset, "read_offset")?;
         let limit = non_negative(req.read_limit, "read_limit")?;
-        let rx = self
+        let chunks = self
             .store
             .read(&name.digest, offset, limit, self.read_chunk)
             .await?;
-        let stream = ReceiverStream::new(rx).map(|chunk| {
+        let stream = chunks.map(|chunk| {
             chunk
                 .map(|data| ReadResponse { data })
                 .map_err(Status::from)

@@ -22,6 +22,17 @@ impl From<StoreError> for Status {
             | StoreError::Overflow { .. }
             | StoreError::TooLarge { .. } => Code::InvalidArgument,
             StoreError::Busy(_) => Code::Aborted,
+            StoreError::Unavailable { .. } => Code::Unavailable,
+            StoreError::Denied { .. } => Code::PermissionDenied,
+            StoreError::Throttled { .. } => {
+                // gRFC A6: tell the client when to come back.
+                let mut status = Status::resource_exhausted(e.to_string());
+                status
+                    .metadata_mut()
+                    .insert("grpc-retry-pushback-ms", THROTTLED_PUSHBACK_MS.into());
+                return status;
+            }
+            StoreError::Backend { .. } => Code::Internal,
             StoreError::Io { .. } => {
                 tracing::error!(error = %e, "storage failure");
                 Code::Internal
@@ -30,3 +41,7 @@ impl From<StoreError> for Status {
         Status::new(code, e.to_string())
     }
 }
+
+/// How long a client should wait after the object store throttled us (its own
+/// retries with back-off were already spent).
+const THROTTLED_PUSHBACK_MS: u32 = 1000;

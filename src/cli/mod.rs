@@ -51,6 +51,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Ask a server's gRPC health service; exits 0 when SERVING (for `helm test`,
+    /// container health checks and scripts).
+    Health {
+        /// `readiness` for readiness, "" for liveness.
+        #[arg(long, default_value = "readiness")]
+        service: String,
+        #[arg(long, default_value = DEFAULT_ADDR)]
+        addr: String,
+        /// Give up after this long.
+        #[arg(long, default_value = "5s", value_parser = humantime_serde::re::humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
     /// Send a file to Payload/Process in one message; prints its SHA-256 and size.
     Process {
         file: PathBuf,
@@ -174,6 +186,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let bar = crate::client::progress(size, "download");
             let d = crate::client::download(channel, &name, &output, &bar).await?;
             println!("{} {}", d.hex(), d.size);
+            Ok(())
+        }
+        Command::Health {
+            service,
+            addr,
+            timeout,
+        } => {
+            let status = tokio::time::timeout(timeout, crate::client::health(&addr, &service))
+                .await
+                .with_context(|| format!("no answer from {addr} within {timeout:?}"))??;
+            println!("{status}");
+            if status != "SERVING" {
+                anyhow::bail!("service {service:?} is {status}");
+            }
             Ok(())
         }
         Command::Process { file, echo, addr } => {

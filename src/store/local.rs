@@ -3,25 +3,24 @@
 //! A blob exists only once its bytes were verified, fsynced and renamed into place.
 
 use std::{
-    collections::HashSet,
     fs::{File, OpenOptions},
     io::{Read, Seek, SeekFrom},
     path::PathBuf,
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::{Duration, SystemTime},
 };
 
-use bytes::{Bytes, BytesMut};
-use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinHandle;
+use bytes::BytesMut;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 
-use super::{Result, StoreError, cache, writer};
+use super::{
+    BlobStore, ReadStream, Result, StoreError, cache,
+    upload::{ActiveUploads, CHANNEL_CHUNKS, Upload},
+    writer,
+};
 use crate::api::resource::{Digest, WriteName};
-use crate::config::StorageConfig;
-
-/// Chunks queued between the gRPC stream and the disk thread, per upload or read.
-/// Two keeps the disk busy while the network delivers the next one.
-const CHANNEL_CHUNKS: usize = 2;
+use crate::config::{Backend, StorageConfig};
 
 /// A content-addressed blob store on local disk.
 #[derive(Clone)]
@@ -33,32 +32,7 @@ struct Inner {
     blobs: PathBuf,
     uploads: PathBuf,
     max_blob_size: u64,
-    active: Mutex<HashSet<String>>,
-}
-
-/// Held while a Write stream owns an upload; released on drop.
-pub(crate) struct UploadLock {
-    inner: Arc<Inner>,
-    key: String,
-}
-
-impl Drop for UploadLock {
-    fn drop(&mut self) {
-        self.inner
-            .active
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.key);
-    }
-}
-
-/// An upload in progress: feed it with [`Upload::write`], end it with [`Upload::finish`].
-/// Dropping it keeps the data received so far for a later resume.
-pub struct Upload {
-    tx: Option<mpsc::Sender<writer::Cmd>>,
-    task: JoinHandle<Result<u64>>,
-    offset: u64,
-    declared: u64,
+    active: ActiveUploads,
 }
 
 impl LocalStore {
@@ -75,7 +49,7 @@ impl LocalStore {
                 blobs,
                 uploads,
                 max_blob_size: cfg.max_blob_size.as_u64(),
-                active: Mutex::default(),
+                active: ActiveUploads::default(),
             }),
         })
     }
@@ -98,9 +72,19 @@ impl LocalStore {
     fn partial_path(&self, key: &str) -> PathBuf {
         self.inner.uploads.join(format!("{key}.part"))
     }
+}
 
-    /// Whether the blob is stored (with exactly its declared size).
-    pub async fn contains(&self, d: &Digest) -> Result<bool> {
+#[async_trait::async_trait]
+impl BlobStore for LocalStore {
+    fn backend(&self) -> Backend {
+        Backend::Local
+    }
+
+    fn max_blob_size(&self) -> u64 {
+        self.inner.max_blob_size
+    }
+
+    async fn contains(&self, d: &Digest) -> Result<bool> {
         match tokio::fs::metadata(self.blob_path(d)).await {
             Ok(m) => Ok(m.len() == d.size),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
@@ -108,26 +92,8 @@ impl LocalStore {
         }
     }
 
-    /// Checks a declared size against `storage.max_blob_size`.
-    pub fn check_size(&self, size: u64) -> Result<()> {
-        if size > self.inner.max_blob_size {
-            return Err(StoreError::TooLarge {
-                size,
-                max: self.inner.max_blob_size,
-            });
-        }
-        Ok(())
-    }
-
-    /// Streams `[offset, offset + limit)` of a blob (limit 0: to the end) in chunks.
     /// The disk thread runs at most [`CHANNEL_CHUNKS`] ahead of the consumer.
-    pub async fn read(
-        &self,
-        d: &Digest,
-        offset: u64,
-        limit: u64,
-        chunk: usize,
-    ) -> Result<mpsc::Receiver<Result<Bytes>>> {
+    async fn read(&self, d: &Digest, offset: u64, limit: u64, chunk: usize) -> Result<ReadStream> {
         let path = self.blob_path(d);
         let digest = *d;
         let mut file = tokio::task::spawn_blocking(move || -> Result<File> {
@@ -182,23 +148,17 @@ impl LocalStore {
             // being read ahead were skipped above: drop whatever is left.
             cache::drop_cache(&file, 0, 0);
         });
-        Ok(rx)
+        Ok(Box::pin(ReceiverStream::new(rx)))
     }
 
-    /// Starts or resumes an upload at `offset`, which must equal the bytes already received.
-    pub async fn begin_write(&self, name: &WriteName, offset: u64) -> Result<Upload> {
+    async fn begin_write(&self, name: &WriteName, offset: u64) -> Result<Upload> {
         self.check_size(name.digest.size)?;
         let key = Self::upload_key(name);
-        let lock = {
-            let mut active = self.inner.active.lock().unwrap_or_else(|e| e.into_inner());
-            if !active.insert(key.clone()) {
-                return Err(StoreError::Busy(name_of(name)));
-            }
-            UploadLock {
-                inner: self.inner.clone(),
-                key: key.clone(),
-            }
-        };
+        let lock = self
+            .inner
+            .active
+            .try_lock(&key)
+            .ok_or_else(|| StoreError::Busy(name_of(name)))?;
         let partial = self.partial_path(&key);
         let target = writer::Target {
             expected: name.digest,
@@ -246,16 +206,10 @@ impl LocalStore {
         .expect("upload open task panicked")?;
         let (tx, rx) = mpsc::channel(CHANNEL_CHUNKS);
         let task = tokio::task::spawn_blocking(move || writer::run(file, hasher, len, target, rx));
-        Ok(Upload {
-            tx: Some(tx),
-            task,
-            offset: len,
-            declared: name.digest.size,
-        })
+        Ok(Upload::new(tx, task, len, name.digest.size))
     }
 
-    /// Bytes durably received for an upload, and whether its blob is complete.
-    pub async fn query_write_status(&self, name: &WriteName) -> Result<(u64, bool)> {
+    async fn query_write_status(&self, name: &WriteName) -> Result<(u64, bool)> {
         if self.contains(&name.digest).await? {
             return Ok((name.digest.size, true));
         }
@@ -268,9 +222,7 @@ impl LocalStore {
         }
     }
 
-    /// Deletes partial uploads untouched for longer than `expiry` and not being written.
-    /// Returns how many were removed.
-    pub async fn collect_garbage(&self, expiry: Duration) -> Result<usize> {
+    async fn collect_garbage(&self, expiry: Duration) -> Result<usize> {
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || gc(&inner, expiry, SystemTime::now()))
             .await
@@ -278,7 +230,7 @@ impl LocalStore {
     }
 }
 
-fn name_of(name: &WriteName) -> String {
+pub(super) fn name_of(name: &WriteName) -> String {
     format!("uploads/{}/blobs/{}", name.uuid, name.digest)
 }
 
@@ -294,7 +246,7 @@ fn gc(inner: &Inner, expiry: Duration, now: SystemTime) -> Result<usize> {
         else {
             continue;
         };
-        let active = inner.active.lock().unwrap_or_else(|e| e.into_inner());
+        let active = inner.active.set();
         if active.contains(key) {
             continue;
         }
@@ -310,79 +262,4 @@ fn gc(inner: &Inner, expiry: Duration, now: SystemTime) -> Result<usize> {
         drop(active);
     }
     Ok(removed)
-}
-
-impl Upload {
-    /// Bytes received so far, including those from earlier streams.
-    pub fn offset(&self) -> u64 {
-        self.offset
-    }
-
-    /// Appends a chunk. Waits while the disk thread is [`CHANNEL_CHUNKS`] behind.
-    pub async fn write(&mut self, data: Bytes) -> Result<()> {
-        let received = self.offset + data.len() as u64;
-        if received > self.declared {
-            return Err(StoreError::Overflow {
-                declared: self.declared,
-                received,
-            });
-        }
-        if data.is_empty() {
-            return Ok(());
-        }
-        let tx = self.tx.as_ref().expect("write after finish");
-        if tx.send(writer::Cmd::Data(data)).await.is_err() {
-            return Err(self.failure().await);
-        }
-        self.offset = received;
-        Ok(())
-    }
-
-    /// Verifies the digest and commits the blob; returns its size.
-    pub async fn finish(mut self) -> Result<u64> {
-        let tx = self.tx.take().expect("finish twice");
-        let (reply, answer) = oneshot::channel();
-        if tx.send(writer::Cmd::Finish(reply)).await.is_err() {
-            return Err(self.failure().await);
-        }
-        drop(tx);
-        match answer.await {
-            Ok(result) => result,
-            Err(_) => Err(self.failure().await),
-        }
-    }
-
-    /// Ends the stream without committing, waiting until the data is durable.
-    pub async fn suspend(mut self) -> Result<u64> {
-        self.tx.take();
-        (&mut self.task).await.expect("upload task panicked")
-    }
-
-    /// The disk thread stopped early: its error says why.
-    async fn failure(&mut self) -> StoreError {
-        self.tx.take();
-        match (&mut self.task).await.expect("upload task panicked") {
-            Err(e) => e,
-            Ok(_) => StoreError::Io {
-                context: "upload thread".into(),
-                source: std::io::Error::other("stopped unexpectedly"),
-            },
-        }
-    }
-}
-
-/// Runs [`LocalStore::collect_garbage`] every `interval` until the store is dropped.
-pub fn spawn_gc(store: &LocalStore, interval: Duration, expiry: Duration) -> JoinHandle<()> {
-    let weak = Arc::downgrade(&store.inner);
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(interval);
-        loop {
-            tick.tick().await;
-            let Some(inner) = weak.upgrade() else { return };
-            let store = LocalStore { inner };
-            if let Err(e) = store.collect_garbage(expiry).await {
-                tracing::warn!(error = %e, "partial upload garbage collection failed");
-            }
-        }
-    })
 }

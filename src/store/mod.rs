@@ -1,17 +1,95 @@
-//! Blob storage. Today one backend, [`LocalStore`], a content-addressed store on
-//! local disk with resumable uploads. Everything streams: no call holds more than
-//! a few chunks of a blob in memory.
+//! Blob storage behind one trait, [`BlobStore`], with two backends:
+//!
+//! - [`LocalStore`]: a content-addressed store on local disk (the default; one
+//!   replica, since another pod cannot see its disk);
+//! - [`S3Store`]: objects in an S3-compatible bucket through Apache Arrow's
+//!   `object_store`, streamed into multipart uploads (any number of replicas).
+//!
+//! Both keep the same guarantees: a blob is visible under its digest only once
+//! its bytes were verified; an interrupted upload keeps what it received and
+//! resumes at [`BlobStore::query_write_status`]'s offset; nothing streams a whole
+//! blob through memory.
 //!
 //! Errors are typed here and turned into gRPC statuses in exactly one place,
 //! `api::status`.
 
 mod cache;
 mod local;
+mod s3;
+mod upload;
 mod writer;
 
-pub use local::{LocalStore, Upload, spawn_gc};
+use std::{pin::Pin, sync::Arc, time::Duration};
 
-use crate::api::resource::Digest;
+use bytes::Bytes;
+use futures_util::Stream;
+use tokio::task::JoinHandle;
+
+pub use local::LocalStore;
+pub use s3::{RequestObserver, S3Store};
+pub use upload::Upload;
+
+use crate::api::resource::{Digest, WriteName};
+use crate::config::{Backend, StorageConfig};
+
+/// A blob's bytes, in chunks, as the backend produces them.
+pub type ReadStream = Pin<Box<dyn Stream<Item = Result<Bytes>> + Send>>;
+
+/// A content-addressed blob store with resumable uploads.
+#[async_trait::async_trait]
+pub trait BlobStore: Send + Sync + 'static {
+    /// Which backend this is, for logs, metrics and `memgate limits`.
+    fn backend(&self) -> Backend;
+
+    /// `storage.max_blob_size`.
+    fn max_blob_size(&self) -> u64;
+
+    /// Checks a declared size against `storage.max_blob_size`.
+    fn check_size(&self, size: u64) -> Result<()> {
+        let max = self.max_blob_size();
+        if size > max {
+            return Err(StoreError::TooLarge { size, max });
+        }
+        Ok(())
+    }
+
+    /// Whether the blob is stored (with exactly its declared size).
+    async fn contains(&self, d: &Digest) -> Result<bool>;
+
+    /// Streams `[offset, offset + limit)` of a blob (limit 0: to the end) in
+    /// chunks of at most `chunk` bytes, reading ahead only a little of what the
+    /// consumer has taken.
+    async fn read(&self, d: &Digest, offset: u64, limit: u64, chunk: usize) -> Result<ReadStream>;
+
+    /// Starts or resumes an upload at `offset`, which must equal the bytes
+    /// already received.
+    async fn begin_write(&self, name: &WriteName, offset: u64) -> Result<Upload>;
+
+    /// Bytes durably received for an upload, and whether its blob is complete.
+    async fn query_write_status(&self, name: &WriteName) -> Result<(u64, bool)>;
+
+    /// Deletes partial uploads untouched for longer than `expiry` and not being
+    /// written. Returns how many were removed.
+    async fn collect_garbage(&self, expiry: Duration) -> Result<usize>;
+
+    /// Whether the store can serve requests now; `Err` says why not. Readiness
+    /// follows it. Local disk is always reachable.
+    async fn check_reachable(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// A shared handle to whichever backend the configuration selected.
+pub type Store = Arc<dyn BlobStore>;
+
+/// Opens the backend `cfg.backend` names. Object-store requests are reported to
+/// `observer` (the server's metrics).
+pub fn open(cfg: &StorageConfig, observer: Arc<dyn RequestObserver>) -> Result<Store> {
+    Ok(match cfg.backend {
+        Backend::Local => Arc::new(LocalStore::open(cfg)?),
+        Backend::S3 => Arc::new(S3Store::open(cfg, observer)?),
+    })
+}
 
 /// What can go wrong in the store. Each variant carries what a client needs to act.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +122,21 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    /// The object store could not be reached or failed; retrying later may work.
+    #[error("object store unavailable while {context}: {detail}")]
+    Unavailable { context: String, detail: String },
+    /// The object store asked us to slow down.
+    #[error("object store is throttling requests while {context}; retry later")]
+    Throttled { context: String },
+    /// The object store refused memgate's credentials. The detail goes to the
+    /// server log only: it can name the access key.
+    #[error(
+        "object store denied access while {context}: check memgate's credentials and the bucket policy"
+    )]
+    Denied { context: String },
+    /// Anything else the object store said.
+    #[error("object store error while {context}: {detail}")]
+    Backend { context: String, detail: String },
 }
 
 impl StoreError {
@@ -54,3 +147,18 @@ impl StoreError {
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Runs [`BlobStore::collect_garbage`] every `interval` until the store is dropped.
+pub fn spawn_gc(store: &Store, interval: Duration, expiry: Duration) -> JoinHandle<()> {
+    let weak = Arc::downgrade(store);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(interval);
+        loop {
+            tick.tick().await;
+            let Some(store) = weak.upgrade() else { return };
+            if let Err(e) = store.collect_garbage(expiry).await {
+                tracing::warn!(error = %e, "partial upload garbage collection failed");
+            }
+        }
+    })
+}

@@ -13,17 +13,13 @@ use std::{
 
 use bytes::Bytes;
 use sha2::{Digest as _, Sha256};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
-use super::{StoreError, cache, local::UploadLock};
+use super::{
+    StoreError, cache,
+    upload::{Cmd, UploadLock},
+};
 use crate::api::resource::Digest;
-
-/// What the async side sends.
-pub(super) enum Cmd {
-    Data(Bytes),
-    /// Verify the digest and commit; the reply carries the committed size.
-    Finish(oneshot::Sender<Result<u64, StoreError>>),
-}
 
 /// Everything the thread needs to commit.
 pub(super) struct Target {
