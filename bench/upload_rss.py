@@ -22,8 +22,13 @@ Each upload gets a new random file, so nothing is deduplicated. Medians over the
 repeats go in a Markdown table on stdout, everything (every run) in
 target/bench/upload_rss.json.
 
+A third configuration, `s3`, stores the blobs in a local Garage (an
+S3-compatible server, data on the disk under target/; installed by
+scripts/install-garage.sh) through memgate's s3 backend.
+
 Targets: one upload grows RSS <= 32 MiB; 8 concurrent <= 128 MiB; upload
-throughput >= 0.4 x openssl.
+throughput >= 0.4 x openssl. With S3: growth <= 8 MiB part x 4 parts in flight
+x uploads + 64 MiB (96 MiB for one, 320 MiB for 8).
 
     bench/upload_rss.py                       # builds --release first
     bench/upload_rss.py --repeats 1 --no-build --configs tmpfs
@@ -48,6 +53,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from garage import Garage  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 BINARY = REPO / "target" / "release" / "memgate"
 REPORT = REPO / "target" / "bench" / "upload_rss.json"
@@ -57,6 +65,13 @@ MB = 1000 * 1000
 TARGET_ONE_MIB = 32
 TARGET_CONCURRENT_MIB = 128
 TARGET_RATIO = 0.4
+# S3: each Write holds part_size x parts_in_flight in multipart parts (the
+# defaults, 8 MiB x 4), plus 64 MiB for everything else.
+S3_PART_MIB, S3_PARTS_IN_FLIGHT, S3_SLACK_MIB = 8, 4, 64
+
+
+def s3_target_mib(uploads: int) -> int:
+    return S3_PART_MIB * S3_PARTS_IN_FLIGHT * uploads + S3_SLACK_MIB
 
 
 def log(msg: str) -> None:
@@ -111,12 +126,13 @@ class RssSampler(threading.Thread):
 class Server:
     """`memgate serve` on 127.0.0.1:<free port> with its own data directory."""
 
-    def __init__(self, data_dir: Path, log_path: Path) -> None:
+    def __init__(self, data_dir: Path, log_path: Path, extra_env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.data_dir = data_dir
         self.log_path = log_path
         self._log = open(log_path, "w")
         env = {k: v for k, v in os.environ.items() if not k.startswith("MEMGATE__") and k != "RUST_LOG"}
+        env.update(extra_env or {})
         self.proc = subprocess.Popen(
             [
                 str(BINARY), "serve",
@@ -253,7 +269,9 @@ class Scenario:
         return statistics.median(getattr(r, key) for r in self.runs)
 
 
-def measure(config: str, base: Path, src_dir: Path, uploads: int, size: int, work: Path) -> Run:
+def measure(
+    config: str, base: Path, src_dir: Path, uploads: int, size: int, work: Path, garage: Garage | None = None
+) -> Run:
     files = []
     for i in range(uploads):
         f = src_dir / f"upload-{i}.bin"
@@ -266,7 +284,9 @@ def measure(config: str, base: Path, src_dir: Path, uploads: int, size: int, wor
         # openssl over the same files, concurrently when the uploads are.
         ssl_secs, hashes = openssl_hashes(files)
 
-        server = Server(data_dir, work / f"server-{config}-{uploads}.log")
+        # With S3, each run writes under its own key prefix of the shared bucket.
+        extra_env = garage.memgate_env(prefix=f"{data_dir.name}/") if garage else None
+        server = Server(data_dir, work / f"server-{config}-{uploads}.log", extra_env)
         try:
             idle = server.idle_rss_kib()
             sampler = RssSampler(server.proc.pid)
@@ -283,9 +303,10 @@ def measure(config: str, base: Path, src_dir: Path, uploads: int, size: int, wor
             want = f"blobs/{hashes[str(f)]}/{size}"
             if out.strip() != want:
                 raise RuntimeError(f"upload of {f} printed {out.strip()!r}, expected {want!r}")
-            blob = data_dir / "blobs" / hashes[str(f)][:2] / hashes[str(f)]
-            if blob.stat().st_size != size:
-                raise RuntimeError(f"stored blob {blob} has the wrong size")
+            if garage is None:  # with S3 the server verified the digest before committing
+                blob = data_dir / "blobs" / hashes[str(f)][:2] / hashes[str(f)]
+                if blob.stat().st_size != size:
+                    raise RuntimeError(f"stored blob {blob} has the wrong size")
         total_mb = uploads * size / MB
         mb_s = total_mb / wall
         ssl_mb_s = total_mb / ssl_secs
@@ -339,7 +360,11 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=5, help="measurements per scenario (median reported)")
     ap.add_argument("--size-mb", type=int, default=150, help="upload size in MB (10^6 bytes)")
     ap.add_argument("--concurrency", type=int, default=8, help="uploads in the concurrent scenario")
-    ap.add_argument("--configs", default="disk,tmpfs", help="comma-separated: disk (under target/), tmpfs (/dev/shm)")
+    ap.add_argument(
+        "--configs",
+        default="disk,tmpfs,s3",
+        help="comma-separated: disk (under target/), tmpfs (/dev/shm), s3 (a local Garage, data under target/)",
+    )
     ap.add_argument("--no-build", action="store_true", help="do not run cargo build --release first")
     args = ap.parse_args()
 
@@ -364,15 +389,26 @@ def main() -> int:
         with tempfile.TemporaryDirectory(prefix="memgate-bench-src-", dir="/dev/shm") as src_s:
             src = Path(src_s)
             for config in configs:
-                base = bases[config]
+                base = bases.get(config, bases["disk"])
                 base.mkdir(parents=True, exist_ok=True)
+                garage = Garage(work / "garage") if config == "s3" else None
+                targets = (
+                    (s3_target_mib(1), s3_target_mib(args.concurrency))
+                    if garage
+                    else (TARGET_ONE_MIB, TARGET_CONCURRENT_MIB)
+                )
                 for name, uploads, target in (
-                    ("1 x upload", 1, TARGET_ONE_MIB),
-                    (f"{args.concurrency} x concurrent", args.concurrency, TARGET_CONCURRENT_MIB),
+                    ("1 x upload", 1, targets[0]),
+                    (f"{args.concurrency} x concurrent", args.concurrency, targets[1]),
                 ):
                     s = Scenario(config, name, uploads, target)
                     for i in range(args.repeats):
-                        run = measure(config, base, src, uploads, size, work)
+                        try:
+                            run = measure(config, base, src, uploads, size, work, garage)
+                        except BaseException:
+                            if garage:
+                                garage.stop()
+                            raise
                         log(
                             f"{config:5} {name:16} run {i + 1}/{args.repeats}: +{run.peak_growth_mib:.1f} MiB "
                             f"(HWM +{run.hwm_growth_mib:.1f}), {run.wall_s:.2f} s, {run.mb_per_s:.0f} MB/s, "
@@ -380,6 +416,8 @@ def main() -> int:
                         )
                         s.runs.append(run)
                     scenarios.append(s)
+                if garage:
+                    garage.stop()
 
     md = table(scenarios)
     print(f"\nmemgate upload RSS and throughput: {args.size_mb} MB uploads, median of {args.repeats}, "

@@ -45,3 +45,35 @@ impl From<StoreError> for Status {
 /// How long a client should wait after the object store throttled us (its own
 /// retries with back-off were already spent).
 const THROTTLED_PUSHBACK_MS: u32 = 1000;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn object_store_failures_become_codes_a_client_can_act_on() {
+        let context = || "uploading a part".to_string();
+        let throttled = Status::from(StoreError::Throttled { context: context() });
+        assert_eq!(throttled.code(), Code::ResourceExhausted);
+        assert_eq!(
+            throttled
+                .metadata()
+                .get("grpc-retry-pushback-ms")
+                .and_then(|v| v.to_str().ok()),
+            Some("1000")
+        );
+        let down = Status::from(StoreError::Unavailable {
+            context: context(),
+            detail: "connection refused".into(),
+        });
+        assert_eq!(down.code(), Code::Unavailable);
+        assert!(down.message().contains("connection refused"));
+        let denied = Status::from(StoreError::Denied { context: context() });
+        assert_eq!(denied.code(), Code::PermissionDenied);
+        let other = Status::from(StoreError::Backend {
+            context: context(),
+            detail: "InvalidRequest".into(),
+        });
+        assert_eq!(other.code(), Code::Internal);
+    }
+}

@@ -4,7 +4,8 @@
 
 use serde::Serialize;
 
-use crate::config::Config;
+use crate::config::{Backend, Config};
+use crate::guard::estimate::{Estimate, Estimator as _};
 use crate::guard::{
     budget::{Budget, Pressure},
     cgroup::CgroupVersion,
@@ -12,12 +13,18 @@ use crate::guard::{
     jemalloc, limits_for,
     sampler::Source,
 };
-use crate::server::STREAM_WINDOW;
+use crate::server::{STREAM_WINDOW, method_table};
 
 /// Everything `memgate limits` reports; `--json` prints it as is.
 #[derive(Debug, Serialize)]
 pub struct LimitsReport {
     pub guard_enabled: bool,
+    /// `local` or `s3`.
+    pub storage_backend: &'static str,
+    /// The data directory, or `s3://bucket/prefix at endpoint`.
+    pub storage_location: String,
+    /// What the guard reserves per ByteStream Write (for S3, part buffers included).
+    pub write_reservation_bytes: u64,
     pub cgroup_version: Option<&'static str>,
     pub cgroup_path: Option<String>,
     pub cgroup_dir: Option<String>,
@@ -64,8 +71,32 @@ pub fn report(cfg: &Config) -> LimitsReport {
         },
         None => (None, None),
     };
+    let st = &cfg.storage;
+    let storage_location = match st.backend {
+        Backend::Local => st.data_dir.display().to_string(),
+        Backend::S3 => format!(
+            "s3://{}/{} at {}",
+            st.s3.bucket,
+            st.s3.prefix.trim_start_matches('/'),
+            if st.s3.endpoint.is_empty() {
+                format!("AWS ({})", st.s3.region)
+            } else {
+                st.s3.endpoint.clone()
+            }
+        ),
+    };
+    let write_reservation_bytes = match method_table(cfg)
+        .classify("/google.bytestream.ByteStream/Write")
+        .estimate
+    {
+        Estimate::Fixed(n) => n,
+        _ => 0,
+    };
     LimitsReport {
         guard_enabled: cfg.memory.enabled,
+        storage_backend: st.backend.as_str(),
+        storage_location,
+        write_reservation_bytes,
         cgroup_version: source.cgroup.as_ref().map(|h| match h.version {
             CgroupVersion::V1 => "v1",
             CgroupVersion::V2 => "v2",
@@ -111,6 +142,14 @@ pub fn render(r: &LimitsReport) -> String {
         } else {
             "off (memory.enabled = false)".into()
         },
+    );
+    line(
+        "storage",
+        format!("{} {}", r.storage_backend, r.storage_location),
+    );
+    line(
+        "per Write",
+        format!("{} reserved", size(r.write_reservation_bytes)),
     );
     match (&r.cgroup_version, &r.cgroup_path, &r.cgroup_dir) {
         (Some(v), Some(p), Some(d)) => line("cgroup", format!("{v} {p} ({d})")),

@@ -351,11 +351,11 @@ impl BlobStore for S3Store {
             .try_collect()
             .await;
         let objects = self.observe("list", start, listed, "listing partial uploads")?;
-        let now = chrono_now();
+        let now = now_millis();
         let mut removed = 0;
         for m in objects {
-            let idle = now - m.last_modified.timestamp();
-            if idle <= expiry.as_secs() as i64 {
+            let idle = now - m.last_modified.timestamp_millis();
+            if idle <= expiry.as_millis() as i64 {
                 continue;
             }
             // uploads/{id}/{generation}: skip uploads with a stream running here.
@@ -685,10 +685,10 @@ fn generation() -> String {
     format!("{nanos:024}")
 }
 
-fn chrono_now() -> i64 {
+fn now_millis() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// The metric outcome of an object-store error.
@@ -823,6 +823,61 @@ mod tests {
         assert_ne!(a, upload_id(&name(None, "v", d)));
         assert_ne!(a, upload_id(&name(None, "u", Digest { size: 6, ..d })));
         assert_eq!(a, upload_id(&name(None, "u", d)));
+    }
+
+    #[test]
+    fn object_store_errors_map_to_what_a_client_can_act_on() {
+        let generic = |msg: &str| object_store::Error::Generic {
+            store: "S3",
+            source: msg.to_string().into(),
+        };
+        let path = || "blobs/x".to_string();
+        let cases = [
+            (
+                generic(
+                    "Server returned non-2xx status code: 503 Service Unavailable: <Code>SlowDown</Code>",
+                ),
+                "throttled",
+            ),
+            (
+                generic("Server returned non-2xx status code: 429 Too Many Requests"),
+                "throttled",
+            ),
+            (
+                generic("Server returned non-2xx status code: 500 Internal Server Error"),
+                "unavailable",
+            ),
+            (
+                generic("Server returned non-2xx status code: 400 Bad Request"),
+                "error",
+            ),
+            (
+                object_store::Error::PermissionDenied {
+                    path: path(),
+                    source: "SignatureDoesNotMatch".into(),
+                },
+                "denied",
+            ),
+            (
+                object_store::Error::Unauthenticated {
+                    path: path(),
+                    source: "InvalidAccessKeyId".into(),
+                },
+                "denied",
+            ),
+        ];
+        for (e, want) in cases {
+            assert_eq!(outcome_of(&e), want, "{e}");
+            let mapped = classify("uploading a part", e);
+            let kind = match mapped {
+                StoreError::Throttled { .. } => "throttled",
+                StoreError::Unavailable { .. } => "unavailable",
+                StoreError::Denied { .. } => "denied",
+                StoreError::Backend { .. } => "error",
+                other => panic!("unexpected {other:?}"),
+            };
+            assert_eq!(kind, want);
+        }
     }
 
     #[tokio::test]

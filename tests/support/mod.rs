@@ -6,6 +6,8 @@
 //! different subset of it, hence the `dead_code` allowance.
 #![allow(dead_code)]
 
+pub mod process;
+
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
