@@ -161,10 +161,10 @@ pub struct S3Config {
     pub credentials_file: PathBuf,
     /// The profile to use in `credentials_file`.
     pub profile: String,
-    /// Size of each multipart part; the memory one upload holds is about
-    /// `part_size * (parts_in_flight + 1)`.
+    /// Size of each multipart part; the memory one upload holds in parts is
+    /// `part_size * parts_in_flight`.
     pub part_size: ByteSize,
-    /// Parts uploaded concurrently per Write stream.
+    /// Part buffers per Write stream: one filling, the others uploading.
     pub parts_in_flight: usize,
     /// Longest a single request to the store may take.
     #[serde(with = "humantime_serde")]
@@ -204,10 +204,10 @@ impl Default for S3Config {
 }
 
 impl S3Config {
-    /// Memory one Write stream holds in part buffers: the part being filled plus
-    /// the parts in flight.
+    /// Memory one Write stream holds in part buffers (the one filling and
+    /// those uploading).
     pub fn stream_buffer(&self) -> u64 {
-        self.part_size.as_u64() * (self.parts_in_flight as u64 + 1)
+        self.part_size.as_u64() * self.parts_in_flight as u64
     }
 }
 

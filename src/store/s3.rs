@@ -7,8 +7,9 @@
 //!   upload's state; its size is what `QueryWriteStatus` reports.
 //!
 //! A Write stream streams into a multipart upload of a new staging generation,
-//! hashing as it goes, with at most `parts_in_flight` parts uploading and one
-//! filling: that, not the blob size, is the memory it holds. A resumed stream
+//! hashing as it goes, with at most `parts_in_flight` part buffers (one
+//! filling, the others uploading): that, not the blob size, is the memory it
+//! holds. A resumed stream
 //! first copies the previous generation into the new one through memgate (to
 //! re-hash it), then continues with the client's bytes. When the stream ends:
 //!
@@ -484,11 +485,12 @@ struct Multipart {
 }
 
 impl Multipart {
-    /// Hands a chunk over once fewer than `parts` parts are in flight: the
+    /// Hands a chunk over once fewer than `parts - 1` parts are uploading, so
+    /// with the one filling there are at most `parts` part buffers: the
     /// back-pressure that bounds an upload's memory.
     async fn feed(&mut self, data: Bytes, parts: usize) -> Result<()> {
         self.w
-            .wait_for_capacity(parts)
+            .wait_for_capacity(parts - 1)
             .await
             .map_err(|e| classify("uploading a part", e))?;
         self.w.put(data);
