@@ -21,6 +21,10 @@ COPY Cargo.toml Cargo.lock build.rs ./
 COPY proto ./proto
 COPY src ./src
 COPY benches ./benches
+# The workspace's other member (memgate-bench): cargo reads every member's
+# manifest even to build one binary. .dockerignore lets in its manifest and
+# sources only; nothing of it is compiled here.
+COPY bench ./bench
 COPY config ./config
 # The target dir is a cache mount, so the binary is copied out in the same step;
 # `--version` proves that it runs on this glibc before the runtime stage takes it.
@@ -32,11 +36,17 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
  && /out/usr/local/bin/memgate --version
 # The default configuration, with the data directory the image provides
 # (config/memgate.toml says ./data, relative to a working directory that is
-# read-only here). The grep fails the build if that line ever changes shape.
+# read-only here) and both listeners on every interface (its defaults are
+# loopback, which `docker run -p` and the kubelet cannot reach). The greps fail
+# the build if one of those lines ever changes shape and the sed misses it.
 RUN mkdir -p /out/etc/memgate /out/var/lib/memgate \
- && sed 's|^data_dir = "./data"$|data_dir = "/var/lib/memgate"|' config/memgate.toml \
-      > /out/etc/memgate/memgate.toml \
- && grep -q '^data_dir = "/var/lib/memgate"$' /out/etc/memgate/memgate.toml
+ && sed -e 's|^data_dir = "./data"$|data_dir = "/var/lib/memgate"|' \
+        -e 's|^grpc_addr = "127.0.0.1:50051"$|grpc_addr = "0.0.0.0:50051"|' \
+        -e 's|^addr = "127.0.0.1:9090"$|addr = "0.0.0.0:9090"|' \
+        config/memgate.toml > /out/etc/memgate/memgate.toml \
+ && grep -q '^data_dir = "/var/lib/memgate"$' /out/etc/memgate/memgate.toml \
+ && grep -q '^grpc_addr = "0.0.0.0:50051"$' /out/etc/memgate/memgate.toml \
+ && grep -q '^addr = "0.0.0.0:9090"$' /out/etc/memgate/memgate.toml
 
 # glibc and libgcc, as the binary needs; the nonroot variant runs as 65532:65532.
 FROM gcr.io/distroless/cc-debian12:nonroot
@@ -52,8 +62,12 @@ WORKDIR /var/lib/memgate
 # gRPC (ByteStream, Payload, health, reflection) and the admin HTTP listener
 # (/livez, /readyz, /metrics).
 EXPOSE 50051 9090
-# For `docker run`; Kubernetes ignores it and uses the chart's gRPC probes.
+# For `docker run`; Kubernetes ignores it and uses the chart's gRPC probes. It
+# asks the admin port, whose gRPC health service stays plaintext when [tls]
+# puts the gRPC port on TLS. The image's config has [auth] off (memgate's
+# default, and it warns about it at start-up on 0.0.0.0): mount a config with
+# [auth] and [tls] over /etc/memgate/memgate.toml for anything but a trial.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
-  CMD ["/usr/local/bin/memgate", "health", "--addr", "http://127.0.0.1:50051", "--service", ""]
+  CMD ["/usr/local/bin/memgate", "health", "--addr", "http://127.0.0.1:9090", "--service", ""]
 ENTRYPOINT ["/usr/local/bin/memgate"]
 CMD ["serve", "--config", "/etc/memgate/memgate.toml"]

@@ -215,6 +215,50 @@ pub async fn upload(
     Ok(digest.read_name())
 }
 
+/// Writes a blob whose digest the caller already knows, from `chunks` (in order,
+/// each at most [`UPLOAD_CHUNK`] bytes), under a fresh upload name; returns the
+/// read name. The bare gRPC status comes back on failure, so a caller can tell
+/// RESOURCE_EXHAUSTED (and its `grpc-retry-pushback-ms`) from the rest. For
+/// data generated in memory: a file goes through [`upload`], which hashes it first.
+pub async fn write_blob<S>(
+    channel: Channel,
+    digest: &Digest,
+    chunks: S,
+    timeout: Option<Duration>,
+) -> Result<String, tonic::Status>
+where
+    S: tokio_stream::Stream<Item = Bytes> + Send + 'static,
+{
+    let size = digest.size;
+    let mut name = format!("uploads/{}/blobs/{digest}", uuid::Uuid::new_v4());
+    let mut offset = 0u64;
+    let requests = chunks.map(move |data| {
+        let req = WriteRequest {
+            resource_name: std::mem::take(&mut name),
+            write_offset: offset as i64,
+            finish_write: offset + data.len() as u64 == size,
+            data,
+        };
+        offset += req.data.len() as u64;
+        req
+    });
+    let mut request = tonic::Request::new(requests);
+    if let Some(timeout) = timeout {
+        request.set_timeout(timeout);
+    }
+    let committed = ByteStreamClient::new(channel)
+        .write(request)
+        .await?
+        .into_inner()
+        .committed_size;
+    if committed as u64 != size {
+        return Err(tonic::Status::data_loss(format!(
+            "server committed {committed} of {size} bytes"
+        )));
+    }
+    Ok(digest.read_name())
+}
+
 /// Downloads blob `name` into `out` (via a temporary file renamed at the end) and
 /// verifies its digest.
 pub async fn download(

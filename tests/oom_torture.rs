@@ -11,7 +11,9 @@
 //! missed deadline), every OK answer must be right, something of each kind must
 //! succeed, and a new upload must be admitted afterwards. Clients retry
 //! RESOURCE_EXHAUSTED a bounded number of times, honouring `grpc-retry-pushback-ms`,
-//! so the table shows the overload being worked off.
+//! so the table shows the overload being worked off. The calls, their retries and
+//! the payloads come from the bench crate (`memgate_bench::{calls, payload}`), the
+//! code `memgate-bench mixed-overload` drives the same storm with.
 //!
 //! The ignored test `guard_off` runs the same storm with `enabled = false` and only
 //! reports: `bench/oom_guard_off.sh` runs it to show the kill the guard prevents.
@@ -34,26 +36,19 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bytes::{Bytes, BytesMut};
-use memgate::proto::{
-    bytestream::{ReadRequest, WriteRequest, byte_stream_client::ByteStreamClient},
-    memgate_v1::{ProcessRequest, payload_client::PayloadClient},
+use memgate_bench::{
+    calls::{self, Outcome, RetryPolicy},
+    payload::{self, Payload, Pool},
 };
-use sha2::{Digest as _, Sha256};
 use tokio::sync::Barrier;
-use tonic::{
-    Code, Request, Status,
-    transport::{Channel, Endpoint},
-};
+use tonic::transport::{Channel, Endpoint};
 
 use support_cgroup::{MachineLock, Peaks, require_cgroup, spawn_memgate_in};
 
 const MIB: u64 = 1 << 20;
 /// Three 150 MB payloads do not fit: the server must say no to most of the storm.
 const CGROUP_LIMIT: u64 = 512 * MIB;
-const PAYLOAD: usize = 150_000_000;
-/// What real ByteStream clients send, and memgate's own client.
-const CHUNK: usize = 1 << 20;
+const PAYLOAD: u64 = 150_000_000;
 const UPLOADS: usize = 16;
 const PROCESS_CALLS: usize = 8;
 /// Sent as `grpc-timeout` with every attempt.
@@ -68,10 +63,13 @@ const MAX_ATTEMPTS: usize = 10;
 const DEFAULT_BACKOFF: Duration = Duration::from_millis(500);
 /// A pushback beyond this is clamped, so a wrong one cannot stall the test.
 const MAX_PUSHBACK: Duration = Duration::from_secs(30);
-/// Random 1 MiB blocks that every payload is a distinct rotation of (144 chunks
-/// each, so no block repeats within one payload): payloads cost no generation
-/// time during the storm and the test process holds 160 MiB for all uploads.
-const POOL_BLOCKS: usize = 160;
+const RETRIES: RetryPolicy = RetryPolicy {
+    max_attempts: MAX_ATTEMPTS,
+    default_backoff: DEFAULT_BACKOFF,
+    max_pushback: MAX_PUSHBACK,
+    deadline: DEADLINE,
+    client_grace: CLIENT_GRACE,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shared_connection() {
@@ -133,7 +131,7 @@ async fn run(conn: Conn, guard: bool) -> Option<Report> {
     };
     if let Some(Err(e)) = &after {
         fresh.push(Outcome::Failed {
-            code: Code::Unavailable,
+            code: "UNAVAILABLE".into(),
             message: format!("connect after the storm: {e}"),
         });
     }
@@ -143,14 +141,15 @@ async fn run(conn: Conn, guard: bool) -> Option<Report> {
             .filter(|c| c.kind == Kind::Upload && c.succeeded())
         {
             let blob = &blobs()[call.n];
+            let scratch = memgate_bench::openssl::scratch_dir();
             readbacks.push((
                 call.n,
-                with_retries(|| read_back(channel.clone(), blob)).await,
+                with_retries(|| calls::download(channel.clone(), &blob.digest, &scratch)).await,
             ));
         }
         // A payload nobody sent before: the server must admit new work.
         let blob = &blobs()[UPLOADS + PROCESS_CALLS];
-        fresh = with_retries(|| upload(channel.clone(), blob)).await;
+        fresh = with_retries(|| calls::upload(channel.clone(), blob, DEADLINE)).await;
     }
     let sampled = sampler.finish();
     let report = Report {
@@ -184,50 +183,25 @@ enum Kind {
     ProcessEcho,
 }
 
-/// How one attempt ended.
-#[derive(Debug)]
-enum Outcome {
-    Ok,
-    Exhausted {
-        pushback_ms: Option<i64>,
-    },
-    /// Any other status, transport errors included.
-    Failed {
-        code: Code,
-        message: String,
-    },
-    /// No answer by the deadline plus grace, on the client's clock.
-    TimedOut,
-    /// OK, with a wrong answer.
-    Wrong(String),
+/// What went wrong in an attempt, for the details section of the report.
+fn detail(outcome: &Outcome) -> Option<String> {
+    match outcome {
+        Outcome::Ok | Outcome::Exhausted { .. } => None,
+        Outcome::Failed { code, message } => Some(format!("{code}: {message}")),
+        Outcome::TimedOut => Some(format!("no answer within {:?}", DEADLINE + CLIENT_GRACE)),
+        Outcome::Wrong { what } => Some(format!("wrong answer: {what}")),
+    }
 }
 
-impl Outcome {
-    fn acceptable(&self) -> bool {
-        matches!(self, Outcome::Ok | Outcome::Exhausted { .. })
-    }
-
-    /// What went wrong, for the details section of the report.
-    fn detail(&self) -> Option<String> {
-        match self {
-            Outcome::Ok | Outcome::Exhausted { .. } => None,
-            Outcome::Failed { code, message } => Some(format!("{code:?}: {message}")),
-            Outcome::TimedOut => Some(format!("no answer within {:?}", DEADLINE + CLIENT_GRACE)),
-            Outcome::Wrong(what) => Some(format!("wrong answer: {what}")),
-        }
-    }
-
-    fn short(&self) -> String {
-        match self {
-            Outcome::Ok => "OK".into(),
-            Outcome::Exhausted {
-                pushback_ms: Some(ms),
-            } => format!("RE({ms}ms)"),
-            Outcome::Exhausted { pushback_ms: None } => "RE".into(),
-            Outcome::Failed { code, .. } => format!("{code:?}"),
-            Outcome::TimedOut => "CLIENT_TIMEOUT".into(),
-            Outcome::Wrong(_) => "WRONG".into(),
-        }
+/// An attempt in the table: `OK`, `RE(1500ms)`, `UNAVAILABLE`...
+fn short(outcome: &Outcome) -> String {
+    match outcome {
+        Outcome::Exhausted {
+            pushback_ms: Some(ms),
+        } => format!("RE({ms}ms)"),
+        Outcome::Exhausted { pushback_ms: None } => "RE".into(),
+        Outcome::Wrong { .. } => "WRONG".into(),
+        other => other.code(),
     }
 }
 
@@ -287,13 +261,14 @@ async fn storm(url: &str, conn: Conn) -> Vec<Call> {
             let started = Instant::now();
             let attempts = match (channel, payload) {
                 (Err(e), _) => vec![Outcome::Failed {
-                    code: Code::Unavailable,
+                    code: "UNAVAILABLE".into(),
                     message: format!("connect: {e}"),
                 }],
-                (Ok(ch), None) => with_retries(|| upload(ch.clone(), blob)).await,
+                (Ok(ch), None) => with_retries(|| calls::upload(ch.clone(), blob, DEADLINE)).await,
                 (Ok(ch), Some(data)) => {
                     let echo = kind == Kind::ProcessEcho;
-                    with_retries(|| process(ch.clone(), data.clone(), blob, echo)).await
+                    with_retries(|| calls::process(ch.clone(), data.clone(), &blob.digest, echo))
+                        .await
                 }
             };
             Call {
@@ -311,63 +286,18 @@ async fn storm(url: &str, conn: Conn) -> Vec<Call> {
     calls
 }
 
-/// Runs `attempt` until it is not RESOURCE_EXHAUSTED, pushback says stop, or
-/// [`MAX_ATTEMPTS`] ran; returns every attempt's outcome.
-async fn with_retries<F, Fut>(mut attempt: F) -> Vec<Outcome>
+/// Runs `attempt` with memgate-bench's retries (RESOURCE_EXHAUSTED only, after
+/// the pushback, at most [`MAX_ATTEMPTS`]); every attempt's outcome.
+async fn with_retries<F, Fut>(attempt: F) -> Vec<Outcome>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Outcome>,
 {
-    let mut outcomes = Vec::new();
-    loop {
-        let outcome = tokio::time::timeout(DEADLINE + CLIENT_GRACE, attempt())
-            .await
-            .unwrap_or(Outcome::TimedOut);
-        let wait = match outcome {
-            Outcome::Exhausted {
-                pushback_ms: Some(ms),
-            } if ms < 0 => None,
-            Outcome::Exhausted {
-                pushback_ms: Some(ms),
-            } => Some(Duration::from_millis(ms as u64)),
-            Outcome::Exhausted { pushback_ms: None } => {
-                Some(DEFAULT_BACKOFF * 2u32.pow(outcomes.len().min(4) as u32))
-            }
-            _ => None,
-        };
-        outcomes.push(outcome);
-        match wait {
-            Some(wait) if outcomes.len() < MAX_ATTEMPTS => {
-                tokio::time::sleep(wait.min(MAX_PUSHBACK)).await;
-            }
-            _ => return outcomes,
-        }
-    }
-}
-
-fn outcome_of(status: Status) -> Outcome {
-    match status.code() {
-        Code::ResourceExhausted => Outcome::Exhausted {
-            pushback_ms: status
-                .metadata()
-                .get("grpc-retry-pushback-ms")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse().ok()),
-        },
-        code => {
-            // Transport failures hide the cause (a reset, a refused connection) in the chain.
-            let mut message = status.message().to_string();
-            let mut source = std::error::Error::source(&status);
-            while let Some(e) = source {
-                let text = e.to_string();
-                if !message.ends_with(&text) {
-                    let _ = write!(message, ": {text}");
-                }
-                source = e.source();
-            }
-            Outcome::Failed { code, message }
-        }
-    }
+    calls::with_retries(&RETRIES, Instant::now(), None, attempt)
+        .await
+        .into_iter()
+        .map(|a| a.outcome)
+        .collect()
 }
 
 async fn connect(url: &str) -> Result<Channel, tonic::transport::Error> {
@@ -377,159 +307,16 @@ async fn connect(url: &str) -> Result<Channel, tonic::transport::Error> {
         .await
 }
 
-async fn upload(channel: Channel, blob: &Blob) -> Outcome {
-    let name = format!(
-        "uploads/{}/blobs/{}/{PAYLOAD}",
-        uuid::Uuid::new_v4(),
-        blob.hex
-    );
-    let mut offset = 0;
-    let requests = blob.chunks().enumerate().map(move |(i, data)| {
-        let req = WriteRequest {
-            resource_name: if i == 0 { name.clone() } else { String::new() },
-            write_offset: offset as i64,
-            finish_write: offset + data.len() == PAYLOAD,
-            data,
-        };
-        offset += req.data.len();
-        req
-    });
-    let mut request = Request::new(tokio_stream::iter(requests));
-    request.set_timeout(DEADLINE);
-    match ByteStreamClient::new(channel).write(request).await {
-        Ok(r) if r.get_ref().committed_size == PAYLOAD as i64 => Outcome::Ok,
-        Ok(r) => Outcome::Wrong(format!("committed {} bytes", r.get_ref().committed_size)),
-        Err(status) => outcome_of(status),
-    }
-}
-
-async fn process(channel: Channel, data: Bytes, blob: &Blob, echo: bool) -> Outcome {
-    let mut client = PayloadClient::new(channel)
-        .max_encoding_message_size(usize::MAX)
-        .max_decoding_message_size(usize::MAX);
-    let mut request = Request::new(ProcessRequest {
-        data: data.clone(),
-        echo,
-    });
-    request.set_timeout(DEADLINE);
-    let resp = match client.process(request).await {
-        Ok(r) => r.into_inner(),
-        Err(status) => return outcome_of(status),
-    };
-    if resp.sha256 != blob.hex || resp.size != PAYLOAD as u64 {
-        return Outcome::Wrong(format!("got {} / {} bytes", resp.sha256, resp.size));
-    }
-    match (echo, resp.data.len()) {
-        (true, _) if resp.data != data => {
-            Outcome::Wrong(format!("echo of {} bytes differs", resp.data.len()))
-        }
-        (false, n) if n != 0 => Outcome::Wrong(format!("{n} bytes echoed unasked")),
-        _ => Outcome::Ok,
-    }
-}
-
-/// Reads a stored blob back and checks its digest.
-async fn read_back(channel: Channel, blob: &Blob) -> Outcome {
-    let mut request = Request::new(ReadRequest {
-        resource_name: format!("blobs/{}/{PAYLOAD}", blob.hex),
-        read_offset: 0,
-        read_limit: 0,
-    });
-    request.set_timeout(DEADLINE);
-    let mut client = ByteStreamClient::new(channel).max_decoding_message_size(64 * MIB as usize);
-    let mut stream = match client.read(request).await {
-        Ok(r) => r.into_inner(),
-        Err(status) => return outcome_of(status),
-    };
-    let (mut hasher, mut size) = (Sha256::new(), 0);
-    loop {
-        match stream.message().await {
-            Ok(Some(msg)) => {
-                hasher.update(&msg.data);
-                size += msg.data.len();
-            }
-            Ok(None) => break,
-            Err(status) => return outcome_of(status),
-        }
-    }
-    let hex = hex::encode(hasher.finalize());
-    if size != PAYLOAD || hex != blob.hex {
-        return Outcome::Wrong(format!("read back {hex} / {size} bytes"));
-    }
-    Outcome::Ok
-}
-
 // ---------------------------------------------------------------- payloads
 
-/// A pseudo-random payload: rotation `n` of the block pool.
-struct Blob {
-    n: usize,
-    hex: String,
-}
-
 /// Every payload the test sends: the storm's, then one more for afterwards.
-fn blobs() -> &'static [Blob] {
-    static BLOBS: OnceLock<Vec<Blob>> = OnceLock::new();
+/// Distinct rotations of one random 160 MiB pool: they cost no generation time
+/// during the storm, and the test process holds the pool once.
+fn blobs() -> &'static [Payload] {
+    static BLOBS: OnceLock<Vec<Payload>> = OnceLock::new();
     BLOBS.get_or_init(|| {
-        let hash = |n| {
-            let mut hasher = Sha256::new();
-            let blob = Blob {
-                n,
-                hex: String::new(),
-            };
-            blob.chunks().for_each(|c| hasher.update(&c));
-            Blob {
-                n,
-                hex: hex::encode(hasher.finalize()),
-            }
-        };
-        std::thread::scope(|s| {
-            let all = 0..UPLOADS + PROCESS_CALLS + 1;
-            let (even, odd): (Vec<_>, Vec<_>) = all.partition(|n| n % 2 == 0);
-            let odd = s.spawn(move || odd.into_iter().map(hash).collect::<Vec<_>>());
-            let mut blobs: Vec<Blob> = even.into_iter().map(hash).collect();
-            blobs.extend(odd.join().expect("hashing thread"));
-            blobs.sort_by_key(|b| b.n);
-            blobs
-        })
-    })
-}
-
-impl Blob {
-    /// The payload in [`CHUNK`]s, shared with the pool (no copy).
-    fn chunks(&self) -> impl Iterator<Item = Bytes> + Send + 'static {
-        let start = self.n * 13; // 13 is coprime with 160: every rotation differs
-        (0..PAYLOAD.div_ceil(CHUNK)).map(move |i| {
-            let block = &pool()[(start + i) % POOL_BLOCKS];
-            block.slice(..CHUNK.min(PAYLOAD - i * CHUNK))
-        })
-    }
-
-    /// The payload in one buffer, for a unary call.
-    fn contiguous(&self) -> Bytes {
-        let mut buf = BytesMut::with_capacity(PAYLOAD);
-        self.chunks().for_each(|c| buf.extend_from_slice(&c));
-        buf.freeze()
-    }
-}
-
-fn pool() -> &'static [Bytes] {
-    static POOL: OnceLock<Vec<Bytes>> = OnceLock::new();
-    POOL.get_or_init(|| {
-        (0..POOL_BLOCKS as u64)
-            .map(|i| {
-                // xorshift64: fast, and plenty random for bytes nobody compresses.
-                let mut x = 0x9E37_79B9_7F4A_7C15 ^ (i + 1).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-                let mut block = vec![0u8; CHUNK];
-                for word in block.chunks_exact_mut(8) {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    word.copy_from_slice(&x.to_le_bytes());
-                }
-                Bytes::from(block)
-            })
-            .collect()
+        let pool = Pool::random().expect("read /dev/urandom");
+        payload::make(&pool, 0, UPLOADS + PROCESS_CALLS + 1, PAYLOAD)
     })
 }
 
@@ -569,8 +356,8 @@ impl Report {
         );
         let _ = writeln!(out, "{:<18} {:>8} {:>9}  attempts", "call", "final", "time");
         for call in &self.calls {
-            let history: Vec<_> = call.attempts.iter().map(Outcome::short).collect();
-            let last = call.attempts.last().map(Outcome::short).unwrap_or_default();
+            let history: Vec<_> = call.attempts.iter().map(short).collect();
+            let last = call.attempts.last().map(short).unwrap_or_default();
             let last = last.split('(').next().unwrap_or_default().to_string();
             let _ = writeln!(
                 out,
@@ -587,7 +374,7 @@ impl Report {
             .iter()
             .flat_map(|(_, a)| a)
             .chain(&self.fresh);
-        for detail in all.chain(later).filter_map(Outcome::detail) {
+        for detail in all.chain(later).filter_map(detail) {
             match details.iter_mut().find(|(d, _)| *d == detail) {
                 Some((_, n)) => *n += 1,
                 None => details.push((detail, 1)),
@@ -613,7 +400,7 @@ impl Report {
             .filter(|(_, a)| matches!(a.last(), Some(Outcome::Ok)))
             .count();
         let fresh = match self.fresh.last() {
-            Some(last) => format!("{} after {} attempt(s)", last.short(), self.fresh.len()),
+            Some(last) => format!("{} after {} attempt(s)", short(last), self.fresh.len()),
             None => "not tried (server gone)".into(),
         };
         let peak = self.peak.map(mib).unwrap_or_else(|| "n/a".into());
@@ -726,64 +513,4 @@ impl Report {
             tail.into_iter().rev().collect::<Vec<_>>().join("\n")
         );
     }
-}
-
-// ---------------------------------------------------------------- the harness itself
-
-#[tokio::test(start_paused = true)]
-async fn retries_honour_pushback() {
-    let started = tokio::time::Instant::now();
-    let mut busy = 2;
-    let outcomes = with_retries(|| {
-        let outcome = if busy > 0 {
-            busy -= 1;
-            Outcome::Exhausted {
-                pushback_ms: Some(1500),
-            }
-        } else {
-            Outcome::Ok
-        };
-        async move { outcome }
-    })
-    .await;
-    let shorts: Vec<_> = outcomes.iter().map(Outcome::short).collect();
-    assert_eq!(shorts, ["RE(1500ms)", "RE(1500ms)", "OK"]);
-    assert!(started.elapsed() >= Duration::from_millis(3000));
-
-    let stop = with_retries(|| async {
-        Outcome::Exhausted {
-            pushback_ms: Some(-1),
-        }
-    })
-    .await;
-    assert_eq!(stop.len(), 1, "a negative pushback means do not retry");
-    let bounded = with_retries(|| async { Outcome::Exhausted { pushback_ms: None } }).await;
-    assert_eq!(bounded.len(), MAX_ATTEMPTS);
-    let failed = with_retries(|| async {
-        Outcome::Failed {
-            code: Code::Unavailable,
-            message: String::new(),
-        }
-    })
-    .await;
-    assert_eq!(failed.len(), 1, "only RESOURCE_EXHAUSTED is retried");
-}
-
-#[test]
-fn pushback_comes_from_the_trailers() {
-    let mut status = Status::resource_exhausted("busy");
-    status
-        .metadata_mut()
-        .insert("grpc-retry-pushback-ms", "250".parse().unwrap());
-    assert!(matches!(
-        outcome_of(status),
-        Outcome::Exhausted {
-            pushback_ms: Some(250)
-        }
-    ));
-    let bare = Status::resource_exhausted("busy");
-    assert!(matches!(
-        outcome_of(bare),
-        Outcome::Exhausted { pushback_ms: None }
-    ));
 }

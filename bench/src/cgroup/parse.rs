@@ -1,6 +1,7 @@
 //! Pure parsers for the files [`super`] reads: `/proc/self/cgroup`,
-//! `/proc/self/mountinfo` and the `key value` lines of `memory.oom_control` and
-//! `memory.events`. No I/O here, so they are tested on real file contents.
+//! `/proc/self/mountinfo`, the `key value` lines of `memory.oom_control` and
+//! `memory.events`, and `/proc/<pid>/status`. No I/O here, so they are tested on
+//! real file contents.
 
 use std::path::{Path, PathBuf};
 
@@ -53,6 +54,15 @@ pub fn keyed_value(text: &str, key: &str) -> Option<u64> {
             None
         }
     })
+}
+
+/// A `kB` line of `/proc/<pid>/status` (`VmRSS`, `VmHWM`, ...), in bytes.
+pub fn proc_status_bytes(status: &str, key: &str) -> Option<u64> {
+    let line = status
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))?;
+    let kib: u64 = line.trim().strip_suffix("kB")?.trim().parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// Writes `pid` in decimal into `buf` and returns the digits, without allocating
@@ -202,6 +212,18 @@ mod tests {
         assert_eq!(keyed_value(events, "oom_kill"), Some(1));
         assert_eq!(keyed_value(events, "oom"), Some(2));
         assert_eq!(keyed_value("oom_kill_disable 0\n", "oom_kill"), None);
+    }
+
+    #[test]
+    fn reads_proc_status() {
+        let status = "Name:\tmemgate\nVmPeak:\t 1000 kB\nVmHWM:\t  363520 kB\n\
+            VmRSS:\t   10240 kB\nRssAnon:\t 5 kB\n";
+        assert_eq!(proc_status_bytes(status, "VmHWM"), Some(363_520 * 1024));
+        assert_eq!(proc_status_bytes(status, "VmRSS"), Some(10_240 * 1024));
+        // `VmRSS` must not match `VmRSSx`-like prefixes or lines without kB.
+        assert_eq!(proc_status_bytes(status, "Vm"), None);
+        assert_eq!(proc_status_bytes("VmRSS:\t12\n", "VmRSS"), None);
+        assert_eq!(proc_status_bytes(status, "VmSwap"), None);
     }
 
     #[test]

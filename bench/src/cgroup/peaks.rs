@@ -111,7 +111,7 @@ fn sample(dir: &Path, version: Version, interval: Duration, stop: &AtomicBool) -
     peaks
 }
 
-fn snapshot(dir: &Path, version: Version) -> io::Result<Snapshot> {
+pub(super) fn snapshot(dir: &Path, version: Version) -> io::Result<Snapshot> {
     let read = |name: &str| -> io::Result<String> { fs::read_to_string(dir.join(name)) };
     let (usage_file, [anon, file, inactive, dirty, writeback]) = match version {
         Version::V1 => (

@@ -1,14 +1,15 @@
 //! memgate's real binary inside a [`ChildCgroup`]. The child joins the cgroup
 //! between fork and exec, so every byte it ever allocates is charged there; its
 //! JSON stderr is drained by a thread for the whole run (a full pipe would stall
-//! the server) and kept for assertions.
+//! the server) and kept for assertions and reports.
 
 use std::{
     ffi::{CStr, CString},
+    fmt,
     io::{self, BufRead as _, BufReader, Write as _},
     net::SocketAddr,
     os::unix::{ffi::OsStrExt as _, process::CommandExt as _},
-    path::Path,
+    path::{Path, PathBuf},
     process::{Child, ChildStderr, Command, ExitStatus, Stdio},
     sync::{Arc, Mutex, mpsc},
     thread::{self, JoinHandle},
@@ -20,10 +21,49 @@ use super::{ChildCgroup, parse};
 /// Start-up is milliseconds; the margin is for builds hogging the cores.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// What to start: `<binary> serve --config <config_toml> --grpc-addr 127.0.0.1:0
+/// --admin-addr 127.0.0.1:0 --data-dir <data_dir> --log-format json`.
+#[derive(Debug, Clone)]
+pub struct ServerSpec {
+    /// The memgate binary (`env!("CARGO_BIN_EXE_memgate")` in memgate's tests).
+    pub binary: PathBuf,
+    /// The whole configuration file.
+    pub config_toml: String,
+    pub data_dir: PathBuf,
+    /// `MEMGATE__*` overrides, set after every inherited `MEMGATE__*` is removed.
+    pub env: Vec<(String, String)>,
+}
+
+impl ServerSpec {
+    /// `binary` with `config_toml` and `data_dir`, no environment overrides.
+    pub fn new(binary: impl Into<PathBuf>, config_toml: &str, data_dir: &Path) -> Self {
+        ServerSpec {
+            binary: binary.into(),
+            config_toml: config_toml.to_string(),
+            data_dir: data_dir.to_path_buf(),
+            env: Vec::new(),
+        }
+    }
+}
+
+/// Why memgate could not be started; the text includes its stderr.
+#[derive(Debug)]
+pub struct SpawnError(pub String);
+
+impl fmt::Display for SpawnError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for SpawnError {}
+
 /// A running `memgate serve`; killed (SIGKILL) and reaped on drop.
 pub struct MemgateProcess {
     /// The gRPC address from its `listening` log line.
     pub addr: SocketAddr,
+    /// The admin listener (`/metrics`, `/readyz`) from the same line.
+    pub admin_addr: Option<SocketAddr>,
     pub pid: u32,
     child: Child,
     stderr: Arc<Mutex<String>>,
@@ -31,26 +71,28 @@ pub struct MemgateProcess {
     _config: tempfile::NamedTempFile,
 }
 
-/// Starts `memgate serve --config <config_toml> --grpc-addr 127.0.0.1:0 --data-dir
-/// <data_dir> --log-format json` inside `cg` and waits for it to listen; panics
-/// (with the stderr seen so far) if it exits or stays silent for a minute.
+/// Starts memgate as `spec` says inside `cg` and waits for its `listening` line;
+/// an error (with the stderr seen so far) if it exits or stays silent for a minute.
 ///
-/// `RUST_LOG` and `MEMGATE__*` are removed from its environment, so the test's
-/// config is the one that runs. The child gets SIGKILL when the spawning thread
-/// ends: call this from the test's own thread, not from `spawn_blocking`.
-pub fn spawn_memgate_in(cg: &ChildCgroup, config_toml: &str, data_dir: &Path) -> MemgateProcess {
+/// `RUST_LOG` and every inherited `MEMGATE__*` are removed from its environment,
+/// so the given config and overrides are what runs. The child gets SIGKILL when
+/// the spawning thread ends: call this from a thread that outlives the server
+/// (a test's own thread, `main`, a runtime worker), never from `spawn_blocking`.
+pub fn spawn_memgate_in(cg: &ChildCgroup, spec: &ServerSpec) -> Result<MemgateProcess, SpawnError> {
+    let io_error = |what: &str, e: io::Error| SpawnError(format!("{what}: {e}"));
     let mut config = tempfile::Builder::new()
         .prefix("memgate-")
         .suffix(".toml")
         .tempfile()
-        .expect("create a config file");
+        .map_err(|e| io_error("cannot create a config file", e))?;
     config
-        .write_all(config_toml.as_bytes())
-        .expect("write the config file");
-    config.flush().expect("write the config file");
-    let procs = CString::new(cg.procs_path().as_os_str().as_bytes()).expect("no NUL in the path");
+        .write_all(spec.config_toml.as_bytes())
+        .and_then(|()| config.flush())
+        .map_err(|e| io_error("cannot write the config file", e))?;
+    let procs = CString::new(cg.procs_path().as_os_str().as_bytes())
+        .map_err(|_| SpawnError("NUL in the cgroup path".into()))?;
 
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_memgate"));
+    let mut cmd = Command::new(&spec.binary);
     cmd.arg("serve")
         .arg("--config")
         .arg(config.path())
@@ -61,7 +103,7 @@ pub fn spawn_memgate_in(cg: &ChildCgroup, config_toml: &str, data_dir: &Path) ->
             "127.0.0.1:0",
             "--data-dir",
         ])
-        .arg(data_dir)
+        .arg(&spec.data_dir)
         .args(["--log-format", "json"])
         .env_remove("RUST_LOG")
         .stdin(Stdio::null())
@@ -72,13 +114,18 @@ pub fn spawn_memgate_in(cg: &ChildCgroup, config_toml: &str, data_dir: &Path) ->
             cmd.env_remove(key);
         }
     }
+    cmd.envs(spec.env.iter().map(|(k, v)| (k, v)));
     // SAFETY: the hook runs in the forked child before exec, where only
     // async-signal-safe calls are allowed; `join_cgroup` makes raw syscalls on a
     // path built before the fork and a stack buffer, and allocates nothing.
     unsafe { cmd.pre_exec(move || join_cgroup(&procs)) };
-    let mut child = cmd
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start memgate in {}: {e}", cg.path().display()));
+    let mut child = cmd.spawn().map_err(|e| {
+        SpawnError(format!(
+            "cannot start {} in {}: {e}",
+            spec.binary.display(),
+            cg.path().display()
+        ))
+    })?;
 
     let pipe = child.stderr.take().expect("stderr is piped");
     let stderr = Arc::new(Mutex::new(String::new()));
@@ -89,6 +136,7 @@ pub fn spawn_memgate_in(cg: &ChildCgroup, config_toml: &str, data_dir: &Path) ->
     };
     let mut server = MemgateProcess {
         addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+        admin_addr: None,
         pid: child.id(),
         child,
         stderr,
@@ -96,20 +144,23 @@ pub fn spawn_memgate_in(cg: &ChildCgroup, config_toml: &str, data_dir: &Path) ->
         _config: config,
     };
     match rx.recv_timeout(STARTUP_TIMEOUT) {
-        Ok(addr) => server.addr = addr,
-        Err(mpsc::RecvTimeoutError::Timeout) => panic!(
+        Ok((addr, admin)) => {
+            server.addr = addr;
+            server.admin_addr = admin;
+            Ok(server)
+        }
+        Err(mpsc::RecvTimeoutError::Timeout) => Err(SpawnError(format!(
             "memgate logged no `listening` line within {STARTUP_TIMEOUT:?}; stderr so far:\n{}",
             server.stderr_so_far()
-        ),
+        ))),
         Err(mpsc::RecvTimeoutError::Disconnected) => {
             let status = server.child.wait().map(|s| s.to_string());
-            panic!(
+            Err(SpawnError(format!(
                 "memgate exited before listening ({status:?}); stderr:\n{}",
                 server.stderr_so_far()
-            )
+            )))
         }
     }
-    server
 }
 
 impl MemgateProcess {
@@ -129,10 +180,16 @@ impl MemgateProcess {
 
     /// Its peak resident set (`VmHWM`), while it runs.
     pub fn peak_rss(&self) -> Option<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).ok()?;
-        let line = status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?;
-        let kib: u64 = line.trim().trim_end_matches("kB").trim().parse().ok()?;
-        Some(kib * 1024)
+        parse::proc_status_bytes(&self.proc_status()?, "VmHWM")
+    }
+
+    /// Its resident set now (`VmRSS`), while it runs.
+    pub fn rss(&self) -> Option<u64> {
+        parse::proc_status_bytes(&self.proc_status()?, "VmRSS")
+    }
+
+    fn proc_status(&self) -> Option<String> {
+        std::fs::read_to_string(format!("/proc/{}/status", self.pid)).ok()
     }
 
     /// Everything it wrote to stderr so far.
@@ -188,9 +245,9 @@ fn join_cgroup(procs: &CStr) -> io::Result<()> {
     Ok(())
 }
 
-/// Appends every stderr line to `into`; sends the address of the first
+/// Appends every stderr line to `into`; sends the addresses of the first
 /// `listening` line on `listening`.
-fn drain_stderr(pipe: ChildStderr, into: &Mutex<String>, listening: mpsc::Sender<SocketAddr>) {
+fn drain_stderr(pipe: ChildStderr, into: &Mutex<String>, listening: mpsc::Sender<Listening>) {
     let mut listening = Some(listening);
     let mut reader = BufReader::new(pipe);
     let mut line = Vec::new();
@@ -210,8 +267,11 @@ fn drain_stderr(pipe: ChildStderr, into: &Mutex<String>, listening: mpsc::Sender
     }
 }
 
-/// The `grpc_addr` of a JSON `listening` line, flattened or under `fields`.
-fn listening_addr(line: &str) -> Option<SocketAddr> {
+/// The gRPC address and, if logged, the admin address.
+type Listening = (SocketAddr, Option<SocketAddr>);
+
+/// The `grpc_addr` and `admin_addr` of a JSON `listening` line, flattened or under `fields`.
+fn listening_addr(line: &str) -> Option<Listening> {
     let value: serde_json::Value = serde_json::from_str(line.trim()).ok()?;
     let fields = value.get("fields").unwrap_or(&value);
     let field = |k: &str| {
@@ -223,7 +283,8 @@ fn listening_addr(line: &str) -> Option<SocketAddr> {
     if field("message")? != "listening" {
         return None;
     }
-    field("grpc_addr")?.parse().ok()
+    let admin = field("admin_addr").and_then(|a| a.parse().ok());
+    Some((field("grpc_addr")?.parse().ok()?, admin))
 }
 
 #[cfg(test)]
@@ -232,14 +293,20 @@ mod tests {
 
     #[test]
     fn finds_the_listening_line() {
-        let flat = r#"{"timestamp":"t","level":"INFO","message":"listening","grpc_addr":"127.0.0.1:4321","data_dir":"/d","target":"memgate::server"}"#;
+        let flat = r#"{"timestamp":"t","level":"INFO","message":"listening","grpc_addr":"127.0.0.1:4321","admin_addr":"127.0.0.1:9","data_dir":"/d","target":"memgate::server"}"#;
         let nested =
             r#"{"level":"INFO","fields":{"message":"listening","grpc_addr":"127.0.0.1:5"}}"#;
         assert_eq!(
             listening_addr(flat),
-            Some("127.0.0.1:4321".parse().unwrap())
+            Some((
+                "127.0.0.1:4321".parse().unwrap(),
+                Some("127.0.0.1:9".parse().unwrap())
+            ))
         );
-        assert_eq!(listening_addr(nested), Some("127.0.0.1:5".parse().unwrap()));
+        assert_eq!(
+            listening_addr(nested),
+            Some(("127.0.0.1:5".parse().unwrap(), None))
+        );
         assert_eq!(
             listening_addr(r#"{"message":"started","grpc_addr":"127.0.0.1:1"}"#),
             None
