@@ -38,6 +38,7 @@ fn decision_cost() -> f64 {
         queue_max: 64,
         small_request: 32 * MIB,
         wait_charge: MIB,
+        client_share: 1.0,
     };
     let budget = Budget::new(limits, |_| {});
     budget.observe(50 * MIB, limits);

@@ -2,8 +2,8 @@
 # The whole test suite, exactly as CI runs it (.ci/run calls this script).
 # Needs the Rust toolchain and Python 3.11; installs what else it needs:
 # cargo-nextest if missing, Garage (the S3 server the S3 tests start) into
-# ~/.cache/memgate-tools once, and the deployment checkers (Helm's library,
-# kubernetes-validate, checkov) into a venv under target/.
+# ~/.cache/memgate-tools once, and into venvs under target/ the deployment
+# checkers (Helm's library, kubernetes-validate, checkov) and grpcio.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,13 +14,15 @@ fi
 # Built once per machine (about 10 minutes on 2 cores), then reused.
 MEMGATE_GARAGE_BIN="$(bash scripts/install-garage.sh)"
 export MEMGATE_GARAGE_BIN
+# A second gRPC implementation (grpcio) for tests/security.rs, in target/.
+bash scripts/interop-venv.sh >/dev/null
 
-cargo fmt --check
-cargo clippy --all-targets --locked -- -D warnings
+cargo fmt --all --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
 # Unit, integration, property and cgroup tests; the OOM torture test runs the
 # real binary in a real memory cgroup (it skips without root unless
 # MEMGATE_REQUIRE_CGROUP=1, which .ci/run sets).
-cargo nextest run --locked --no-fail-fast
+cargo nextest run --workspace --locked --no-fail-fast
 # Examples in the docs (nextest does not run doctests).
 cargo test --locked --doc
 # The Helm chart, k8s/ manifests and Dockerfile, checked by real Helm,

@@ -10,8 +10,9 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use bytesize::ByteSize;
 use serde::{Deserialize, Deserializer, Serialize};
 
-/// Listen on every interface: in Kubernetes the kubelet and the Service dial the pod IP.
-pub const DEFAULT_GRPC_ADDR: &str = "0.0.0.0:50051";
+/// Loopback: the embedded default has no authentication, so it must not be
+/// reachable from elsewhere. The chart, `k8s/` and the image listen on 0.0.0.0.
+pub const DEFAULT_GRPC_ADDR: &str = "127.0.0.1:50051";
 /// Relative to the working directory, so `cargo run -- serve` works out of the box.
 pub const DEFAULT_DATA_DIR: &str = "./data";
 /// Big enough for the 150 MB unary payloads memgate is built for, with headroom.
@@ -24,9 +25,10 @@ pub const DEFAULT_READ_CHUNK_SIZE: ByteSize = ByteSize::mib(1);
 pub const DEFAULT_PARTIAL_UPLOAD_EXPIRY: Duration = Duration::from_secs(24 * 3600);
 /// Expiry is coarse; scanning the upload directory more often buys nothing.
 pub const DEFAULT_GC_INTERVAL: Duration = Duration::from_secs(600);
-/// Probes and Prometheus dial the pod IP; a port apart from gRPC keeps them
-/// plaintext HTTP and off the gRPC admission path.
-pub const DEFAULT_ADMIN_ADDR: &str = "0.0.0.0:9090";
+/// A port apart from gRPC keeps probes and metrics plaintext and off the gRPC
+/// admission path. Loopback by default, like gRPC; deployments set 0.0.0.0 so
+/// the kubelet and Prometheus can dial the pod IP.
+pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:9090";
 /// Long enough for endpoint controllers and load balancers to stop sending new
 /// connections after readiness fails (Kubernetes usually needs a few seconds).
 pub const DEFAULT_DRAIN_DELAY: Duration = Duration::from_secs(5);
@@ -43,6 +45,64 @@ pub struct Config {
     pub memory: crate::guard::MemoryConfig,
     pub admin: AdminConfig,
     pub shutdown: ShutdownConfig,
+    pub tls: TlsConfig,
+    pub auth: AuthConfig,
+}
+
+/// `[tls]`: TLS on the gRPC listener (the admin listener stays plaintext, for
+/// the kubelet's probes).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain; TLS is on when set.
+    pub cert_file: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+    /// PEM CA bundle; when set, clients must present a certificate it signed.
+    pub client_ca_file: PathBuf,
+    /// How often the files are checked for changes (rotation).
+    #[serde(with = "humantime_serde")]
+    pub reload_interval: Duration,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self {
+            cert_file: PathBuf::new(),
+            key_file: PathBuf::new(),
+            client_ca_file: PathBuf::new(),
+            reload_interval: Duration::from_secs(10),
+        }
+    }
+}
+
+impl TlsConfig {
+    pub fn enabled(&self) -> bool {
+        !self.cert_file.as_os_str().is_empty()
+    }
+}
+
+/// `[auth]`: who may call what.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Require credentials (a bearer token, or a mapped client certificate).
+    pub enabled: bool,
+    /// TOML file of token hashes and certificate identities with their permissions.
+    pub tokens_file: PathBuf,
+    /// How often the file is checked for changes.
+    #[serde(with = "humantime_serde")]
+    pub reload_interval: Duration,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            tokens_file: PathBuf::new(),
+            reload_interval: Duration::from_secs(10),
+        }
+    }
 }
 
 /// `[admin]`: the plaintext HTTP listener for probes and metrics.
@@ -82,6 +142,29 @@ impl Default for ShutdownConfig {
     }
 }
 
+/// A client that sends or reads nothing for this long while the server waits on
+/// it is gone or stalling on purpose; half a minute outlasts TCP's retransmission
+/// back-off for a briefly broken link (1 + 2 + 4 + 8 s) with room to spare.
+pub const DEFAULT_STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// 1 KiB/s: a 9600-baud modem still passes, so no healthy client is cut, while a
+/// slowloris dripping a byte every few seconds to dodge the idle timeout is.
+pub const DEFAULT_MIN_THROUGHPUT: ByteSize = ByteSize::kib(1);
+/// Long enough that a burst-then-pause client (a 4 MiB window filled at once,
+/// then a wait) averages out; as long as the idle timeout.
+pub const DEFAULT_MIN_THROUGHPUT_WINDOW: Duration = Duration::from_secs(30);
+/// An HTTP/2 PING after this much silence finds peers that vanished without a
+/// FIN (a NAT or load balancer dropped them); their streams' reservations go
+/// with the connection. Cheaper than TCP keepalive's 2-hour default, and works
+/// with `serve_with_incoming`, where tonic ignores TCP keepalive settings.
+pub const DEFAULT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// A live client answers a PING within a round trip; 20 s is hyper's and
+/// tonic's default and tolerates a congested link.
+pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+/// hyper's own default, set explicitly: twice grpc-java's 8 KiB metadata limit,
+/// room for a bearer token or a forwarded client certificate, and bounded per
+/// connection at 32 streams × 16 KiB of decoded headers.
+pub const DEFAULT_MAX_HEADER_LIST_SIZE: ByteSize = ByteSize::kib(16);
+
 /// `[server]`: the gRPC listener.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -90,6 +173,24 @@ pub struct ServerConfig {
     pub grpc_addr: SocketAddr,
     /// Largest unary message (Process request or response) accepted.
     pub max_message_size: ByteSize,
+    /// A call whose client sends nothing (or reads nothing) for this long while
+    /// the server waits on it is cut with DEADLINE_EXCEEDED; `0s` disables.
+    #[serde(with = "humantime_serde")]
+    pub stream_idle_timeout: Duration,
+    /// Least bytes per second a call's client must send or read, measured over
+    /// `min_throughput_window` of the server waiting on it; `0` disables.
+    pub min_throughput: ByteSize,
+    /// How much waiting `min_throughput` is measured over.
+    #[serde(with = "humantime_serde")]
+    pub min_throughput_window: Duration,
+    /// HTTP/2 PING interval on idle connections; `0s` disables.
+    #[serde(with = "humantime_serde")]
+    pub keepalive_interval: Duration,
+    /// How long a PING may go unanswered before the connection is closed.
+    #[serde(with = "humantime_serde")]
+    pub keepalive_timeout: Duration,
+    /// Largest header list (all of a request's metadata, decoded) accepted.
+    pub max_header_list_size: ByteSize,
 }
 
 impl Default for ServerConfig {
@@ -97,7 +198,74 @@ impl Default for ServerConfig {
         Self {
             grpc_addr: DEFAULT_GRPC_ADDR.parse().expect("valid default address"),
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+            stream_idle_timeout: DEFAULT_STREAM_IDLE_TIMEOUT,
+            min_throughput: DEFAULT_MIN_THROUGHPUT,
+            min_throughput_window: DEFAULT_MIN_THROUGHPUT_WINDOW,
+            keepalive_interval: DEFAULT_KEEPALIVE_INTERVAL,
+            keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT,
+            max_header_list_size: DEFAULT_MAX_HEADER_LIST_SIZE,
         }
+    }
+}
+
+impl ServerConfig {
+    /// The progress limits the admission layer enforces on every guarded call.
+    pub fn stream_limits(&self) -> crate::guard::watch::StreamLimits {
+        crate::guard::watch::StreamLimits {
+            idle_timeout: Some(self.stream_idle_timeout).filter(|d| !d.is_zero()),
+            min_throughput: self.min_throughput.as_u64(),
+            window: self.min_throughput_window,
+        }
+    }
+
+    /// The abuse limits' ranges; the error names the key.
+    fn validate_limits(&self) -> Result<(), ConfigError> {
+        let idle = self.stream_idle_timeout;
+        if !idle.is_zero()
+            && !(Duration::from_millis(100)..=Duration::from_secs(24 * 3600)).contains(&idle)
+        {
+            return Err(ConfigError::invalid(
+                "server.stream_idle_timeout",
+                "must be 0s (off) or between 100ms and 24h",
+            ));
+        }
+        if self.min_throughput.as_u64() > 1024 * 1024 * 1024 {
+            return Err(ConfigError::invalid(
+                "server.min_throughput",
+                "must be at most 1GiB (per second); 0 turns it off",
+            ));
+        }
+        if !(Duration::from_secs(1)..=Duration::from_secs(3600))
+            .contains(&self.min_throughput_window)
+        {
+            return Err(ConfigError::invalid(
+                "server.min_throughput_window",
+                "must be between 1s and 1h",
+            ));
+        }
+        let ping = self.keepalive_interval;
+        if !ping.is_zero()
+            && !(Duration::from_secs(1)..=Duration::from_secs(2 * 3600)).contains(&ping)
+        {
+            return Err(ConfigError::invalid(
+                "server.keepalive_interval",
+                "must be 0s (off) or between 1s and 2h",
+            ));
+        }
+        if !(Duration::from_secs(1)..=Duration::from_secs(600)).contains(&self.keepalive_timeout) {
+            return Err(ConfigError::invalid(
+                "server.keepalive_timeout",
+                "must be between 1s and 10m",
+            ));
+        }
+        let headers = self.max_header_list_size.as_u64();
+        if !(1024..=1024 * 1024).contains(&headers) {
+            return Err(ConfigError::invalid(
+                "server.max_header_list_size",
+                "must be between 1KiB and 1MiB",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -396,6 +564,7 @@ impl Config {
     /// Checks ranges and relations between values; the error names the key.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let s = &self.storage;
+        self.server.validate_limits()?;
         if self.server.max_message_size.as_u64() < 1024 {
             return Err(ConfigError::invalid(
                 "server.max_message_size",
@@ -459,6 +628,38 @@ impl Config {
         }
         if s.backend == Backend::S3 {
             s.s3.validate()?;
+        }
+        let tls = &self.tls;
+        let has_key = !tls.key_file.as_os_str().is_empty();
+        if tls.enabled() != has_key {
+            return Err(ConfigError::invalid(
+                "tls.key_file",
+                "tls.cert_file and tls.key_file must be set together",
+            ));
+        }
+        if !tls.enabled() && !tls.client_ca_file.as_os_str().is_empty() {
+            return Err(ConfigError::invalid(
+                "tls.client_ca_file",
+                "client certificates (mTLS) need TLS: set tls.cert_file and tls.key_file",
+            ));
+        }
+        if tls.reload_interval.is_zero() {
+            return Err(ConfigError::invalid(
+                "tls.reload_interval",
+                "must be longer than 0s",
+            ));
+        }
+        if self.auth.enabled && self.auth.tokens_file.as_os_str().is_empty() {
+            return Err(ConfigError::invalid(
+                "auth.tokens_file",
+                "must be set when auth.enabled = true",
+            ));
+        }
+        if self.auth.reload_interval.is_zero() {
+            return Err(ConfigError::invalid(
+                "auth.reload_interval",
+                "must be longer than 0s",
+            ));
         }
         self.memory.validate()
     }

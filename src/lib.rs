@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod api;
+pub mod auth;
 pub mod cli;
 pub mod client;
 pub mod config;
@@ -10,3 +11,4 @@ pub mod guard;
 pub mod proto;
 pub mod server;
 pub mod store;
+pub mod tls;

@@ -16,6 +16,7 @@ use crate::admin::{health::Health, http as admin_http, metrics::Metrics};
 use crate::api::{
     ByteStreamService, PayloadService, access_log::AccessLogLayer, bytestream::MAX_STREAM_MESSAGE,
 };
+use crate::auth::{AuthLayer, Authorizer};
 use crate::config::{Backend, Config};
 use crate::guard::{
     Guard,
@@ -28,6 +29,7 @@ use crate::proto::{
     memgate_v1::payload_server::PayloadServer,
 };
 use crate::store::{self, Store, spawn_gc};
+use crate::tls::Tls;
 
 /// The HTTP/2 stream window. Throughput is bounded by window / RTT and by how
 /// much slack the receiver has while it is busy hashing and writing: measured on
@@ -69,6 +71,9 @@ pub fn method_table(cfg: &Config) -> MethodTable {
         Backend::S3 => cfg.storage.s3.stream_buffer(),
     };
     MethodTable::new(Estimate::Fixed(SMALL_CALL))
+        // A call keeps its reservation only while its client keeps sending or
+        // reading: a stalled one is cut (server.stream_idle_timeout, min_throughput).
+        .with_stream_limits(cfg.server.stream_limits())
         // The HTTP/2 window hyper may buffer plus the chunks in flight: never the blob size.
         .method(
             "/google.bytestream.ByteStream/Write",
@@ -132,6 +137,8 @@ pub struct Server {
     health_service: HealthServer<HealthService>,
     store: Store,
     metrics: Metrics,
+    tls: Option<Tls>,
+    auth: Option<Authorizer>,
 }
 
 impl Server {
@@ -154,6 +161,14 @@ impl Server {
         let (health, health_service) = Health::new().await;
         let store = store::open(&cfg.storage, Arc::new(metrics.clone()))?;
         metrics.set_backend(cfg.storage.backend);
+        let tls = match cfg.tls.enabled() {
+            true => Some(Tls::new(&cfg.tls)?),
+            false => None,
+        };
+        let auth = match cfg.auth.enabled {
+            true => Some(Authorizer::new(&cfg.auth)?),
+            false => None,
+        };
         Ok(Self {
             cfg,
             guard,
@@ -161,6 +176,8 @@ impl Server {
             health_service,
             store,
             metrics,
+            tls,
+            auth,
         })
     }
 
@@ -193,6 +210,8 @@ impl Server {
             health_service,
             store,
             metrics,
+            tls,
+            auth,
         } = self;
         let _gc = spawn_gc(
             &store,
@@ -221,7 +240,12 @@ impl Server {
             Some(listener) => {
                 let addr = listener.local_addr()?;
                 let (g, m) = (guard.clone(), metrics.clone());
-                let router = admin_http::router(health.clone(), Arc::new(move || m.encode(&g)));
+                let grpc_health = tonic::service::Routes::new(health_service.clone());
+                let router = admin_http::router(
+                    health.clone(),
+                    Arc::new(move || m.encode(&g)),
+                    Some(grpc_health),
+                );
                 tokio::spawn(async move {
                     let stopped = async {
                         let _ = admin_stopped.await;
@@ -253,6 +277,8 @@ impl Server {
                 .then(|| cfg.storage.data_dir.display().to_string()),
             bucket = (cfg.storage.backend == Backend::S3).then_some(cfg.storage.s3.bucket.as_str()),
             guard = if cfg.memory.enabled { "on" } else { "off" },
+            tls = if tls.is_some() { if cfg.tls.client_ca_file.as_os_str().is_empty() { "on" } else { "mutual" } } else { "off" },
+            auth = if auth.is_some() { "on" } else { "off" },
             limit = snap.limit.bytes,
             limit_source = %snap.limit.source,
             budget = view.budget,
@@ -260,9 +286,23 @@ impl Server {
             malloc_conf = malloc_conf.as_deref().unwrap_or("(jemalloc not the allocator)"),
             "listening"
         );
+        if auth.is_none() && !addr.ip().is_loopback() {
+            tracing::warn!(
+                grpc_addr = %addr,
+                "AUTHENTICATION IS OFF on a non-loopback address: anyone who can reach {addr} may read, write and process blobs. Set [auth] enabled = true with a tokens_file (the Helm chart does), or listen on 127.0.0.1"
+            );
+        }
+        let _tls_reload = tls
+            .as_ref()
+            .map(|t| crate::tls::spawn_reload(t, cfg.tls.clone()));
+        let _auth_reload = auth
+            .as_ref()
+            .map(|a| a.spawn_reload(cfg.auth.reload_interval));
         let layers = tower::ServiceBuilder::new()
             // Outermost: logs and counts every call, including ones the guard turns away.
             .layer(AccessLogLayer::new(metrics.clone()))
+            // Then who is calling: refused before the guard reserves anything.
+            .layer(AuthLayer::new(auth))
             // Before tonic decodes anything: reserve the call's memory or reject it.
             .layer(guard.layer(method_table(&cfg)))
             .into_inner();
@@ -273,14 +313,31 @@ impl Server {
             .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
             .max_frame_size(MAX_FRAME_SIZE)
             .http2_adaptive_window(Some(false))
+            // A peer that vanished without a FIN (dropped by a NAT or a balancer)
+            // holds its streams' reservations until its connection closes: a PING
+            // unanswered for keepalive_timeout closes it. Live-but-stalled
+            // clients answer PINGs; the admission layer's watchdog cuts those.
+            .http2_keepalive_interval(Some(cfg.server.keepalive_interval).filter(|d| !d.is_zero()))
+            .http2_keepalive_timeout(Some(cfg.server.keepalive_timeout))
+            // Decoded headers are not in the memory budget; this bounds them per
+            // stream (validated to at most 1 MiB, so the cast cannot truncate).
+            .http2_max_header_list_size(cfg.server.max_header_list_size.as_u64() as u32)
             .layer(layers)
             .add_service(health_service)
             .add_service(bytestream)
             .add_service(payload)
-            .add_service(reflection)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), async {
-                let _ = grpc_stopped.await;
-            });
+            .add_service(reflection);
+        let stopped = async {
+            let _ = grpc_stopped.await;
+        };
+        let server: std::pin::Pin<
+            Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>,
+        > = match &tls {
+            Some(tls) => Box::pin(server.serve_with_incoming_shutdown(tls.incoming(grpc), stopped)),
+            None => {
+                Box::pin(server.serve_with_incoming_shutdown(TcpListenerStream::new(grpc), stopped))
+            }
+        };
         tokio::pin!(server);
         health.set_started();
 

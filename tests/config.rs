@@ -57,7 +57,7 @@ fn load_err(toml: &str, needles: &[&str]) -> String {
 fn defaults_without_a_file() {
     let cfg = Config::load(None, no_env()).expect("defaults");
     assert_eq!(cfg, Config::default());
-    assert_eq!(cfg.server.grpc_addr.to_string(), "0.0.0.0:50051");
+    assert_eq!(cfg.server.grpc_addr.to_string(), "127.0.0.1:50051");
     assert_eq!(cfg.server.max_message_size, ByteSize::mib(256));
     assert_eq!(cfg.storage.read_chunk_size, ByteSize::mib(1));
     assert_eq!(cfg.memory.budget_ratio, 0.85);
@@ -240,6 +240,68 @@ fn soft_watermark_must_be_below_hard_watermark() {
         "[memory]\nsoft_watermark = 0.8\nhard_watermark = 0.8\n",
         &["memory.soft_watermark"],
     );
+}
+
+#[test]
+fn abuse_limits_are_checked_and_named() {
+    let cfg = load_str(
+        "[server]\nstream_idle_timeout = \"0s\"\nmin_throughput = 0\n\
+         keepalive_interval = \"0s\"\nmax_header_list_size = \"64KiB\"\n\
+         [memory]\nmax_client_share = 1\n",
+    )
+    .expect("0 turns the limits off; a share of 1 is no cap");
+    assert!(cfg.server.stream_limits().is_off());
+    assert_eq!(cfg.server.max_header_list_size, ByteSize::kib(64));
+    assert_eq!(cfg.memory.max_client_share, 1.0);
+    for (toml, key) in [
+        (
+            "[server]\nstream_idle_timeout = \"10ms\"\n",
+            "server.stream_idle_timeout",
+        ),
+        (
+            "[server]\nstream_idle_timeout = \"2d\"\n",
+            "server.stream_idle_timeout",
+        ),
+        (
+            "[server]\nmin_throughput = \"2GiB\"\n",
+            "server.min_throughput",
+        ),
+        (
+            "[server]\nmin_throughput_window = \"0s\"\n",
+            "server.min_throughput_window",
+        ),
+        (
+            "[server]\nkeepalive_interval = \"10ms\"\n",
+            "server.keepalive_interval",
+        ),
+        (
+            "[server]\nkeepalive_timeout = \"0s\"\n",
+            "server.keepalive_timeout",
+        ),
+        (
+            "[server]\nmax_header_list_size = \"100B\"\n",
+            "server.max_header_list_size",
+        ),
+        (
+            "[server]\nmax_header_list_size = \"2MiB\"\n",
+            "server.max_header_list_size",
+        ),
+        (
+            "[memory]\nmax_client_share = 0\n",
+            "memory.max_client_share",
+        ),
+        (
+            "[memory]\nmax_client_share = 1.5\n",
+            "memory.max_client_share",
+        ),
+    ] {
+        load_err(toml, &[key]);
+    }
+    load_err(
+        "[server]\nstream_idle_timeout = \"soon\"\n",
+        &["stream_idle_timeout"],
+    );
+    load_err("[server]\nmin_throughput = \"fast\"\n", &["min_throughput"]);
 }
 
 #[test]

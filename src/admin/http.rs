@@ -1,6 +1,7 @@
-//! The plaintext HTTP admin listener: `/livez` and `/readyz` mirror the gRPC
+//! The plaintext admin listener: `/livez` and `/readyz` mirror the gRPC
 //! health statuses (200 or 503, with a one-line reason), `/metrics` serves
-//! Prometheus. Kept apart from the gRPC port so probes and scrapes never pass
+//! Prometheus, and the gRPC health service itself answers here too (HTTP/2
+//! without TLS), for probes when the gRPC port speaks TLS. Kept apart from the gRPC port so probes and scrapes never pass
 //! through admission and stay reachable whatever the gRPC listener does.
 
 use std::{future::Future, sync::Arc};
@@ -25,13 +26,23 @@ struct AdminState {
     metrics: RenderMetrics,
 }
 
-/// The admin routes.
-pub fn router(health: Health, metrics: RenderMetrics) -> Router {
-    Router::new()
+/// The admin routes, and the gRPC health service (`grpc` here, plaintext h2c):
+/// with TLS on the gRPC port, this is where the kubelet's native gRPC probe
+/// connects.
+pub fn router(
+    health: Health,
+    metrics: RenderMetrics,
+    grpc: Option<tonic::service::Routes>,
+) -> Router {
+    let http = Router::new()
         .route("/livez", get(livez))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_handler))
-        .with_state(AdminState { health, metrics })
+        .with_state(AdminState { health, metrics });
+    match grpc {
+        Some(routes) => http.merge(routes.into_axum_router()),
+        None => http,
+    }
 }
 
 fn probe(p: Probe) -> (StatusCode, String) {

@@ -87,6 +87,7 @@ struct Inner {
     admitted: Family<MethodLabel, Counter>,
     queued: Family<MethodLabel, Counter>,
     rejected: Family<MethodReason, Counter>,
+    cut: Family<MethodReason, Counter>,
     wait: Histograms<MethodLabel>,
     reserved: Family<MethodLabel, Counter>,
     in_flight: Family<MethodLabel, Gauge>,
@@ -126,6 +127,13 @@ impl Metrics {
             "admission_rejected",
             "Calls refused with RESOURCE_EXHAUSTED, by reason",
             rejected.clone(),
+        );
+        let cut = Family::default();
+        r.register(
+            "streams_cut",
+            "Calls cut with DEADLINE_EXCEEDED because the client stopped sending or reading \
+             (request_idle, response_idle) or was below server.min_throughput (request_slow, response_slow)",
+            cut.clone(),
         );
         let wait: Histograms<MethodLabel> =
             Family::new_with_constructor(|| Histogram::new(WAIT_BUCKETS));
@@ -200,6 +208,7 @@ impl Metrics {
             admitted,
             queued,
             rejected,
+            cut,
             wait,
             reserved,
             in_flight,
@@ -289,6 +298,11 @@ impl AdmissionObserver for Metrics {
     fn rejected(&self, method: &'static str, reason: &'static str) {
         let labels = MethodReason { method, reason };
         self.inner.rejected.get_or_create(&labels).inc();
+    }
+
+    fn stream_cut(&self, method: &'static str, reason: &'static str) {
+        let labels = MethodReason { method, reason };
+        self.inner.cut.get_or_create(&labels).inc();
     }
 }
 
@@ -406,6 +420,7 @@ mod tests {
         m.admitted(write.method, 1000, Some(Duration::from_millis(3)));
         m.admitted(write.method, 24, None);
         m.rejected(write.method, "queue_full");
+        m.stream_cut(write.method, "request_idle");
         let i = &m.inner;
         assert_eq!(i.queued.get_or_create(&write).get(), 1);
         assert_eq!(i.admitted.get_or_create(&write).get(), 2);
@@ -415,6 +430,11 @@ mod tests {
             reason: "queue_full",
         };
         assert_eq!(i.rejected.get_or_create(&full).get(), 1);
+        let idle = MethodReason {
+            method: write.method,
+            reason: "request_idle",
+        };
+        assert_eq!(i.cut.get_or_create(&idle).get(), 1);
         // Another method's counters did not move.
         let read = MethodLabel {
             method: "/google.bytestream.ByteStream/Read",

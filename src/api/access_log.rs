@@ -51,6 +51,17 @@ pub struct AccessLog<S> {
     metrics: Metrics,
 }
 
+/// Where the auth layer records who is calling, for the log line: a
+/// principal's name (a token's name or a certificate identity), never a token.
+#[derive(Clone, Default)]
+pub struct CallClient(Arc<std::sync::OnceLock<Arc<str>>>);
+
+impl CallClient {
+    pub fn set(&self, name: Arc<str>) {
+        let _ = self.0.set(name);
+    }
+}
+
 /// No gRPC status seen (yet): the client went away first.
 const NO_STATUS: i32 = -1;
 
@@ -65,6 +76,8 @@ struct Call {
     bytes_out: AtomicU64,
     status: AtomicI32,
     metrics: Metrics,
+    client: CallClient,
+    peer: Option<std::net::SocketAddr>,
 }
 
 impl Call {
@@ -93,9 +106,12 @@ impl Drop for Call {
         let duration = self.start.elapsed();
         self.metrics
             .request_finished(self.label, code, bytes_in, bytes_out, duration);
+        let client = self.client.0.get().map(|c| &**c);
         tracing::info!(
             method = %self.method,
             status = %shown,
+            client,
+            peer = self.peer.map(|p| p.to_string()),
             bytes_in,
             bytes_out,
             duration_ms = duration.as_secs_f64() * 1e3,
@@ -131,7 +147,11 @@ where
             bytes_out: AtomicU64::new(0),
             status: AtomicI32::new(NO_STATUS),
             metrics: self.metrics.clone(),
+            client: CallClient::default(),
+            peer: peer_addr(req.extensions()),
         });
+        let mut req = req;
+        req.extensions_mut().insert(call.client.clone());
         let req = req.map(|body| {
             tonic::body::Body::new(Counted {
                 inner: body,
@@ -200,4 +220,15 @@ impl<B: Body<Data = Bytes>> Body for Counted<B> {
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
     }
+}
+
+/// The remote address of the call's connection, plain TCP or TLS.
+pub fn peer_addr(ext: &http::Extensions) -> Option<std::net::SocketAddr> {
+    use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+    ext.get::<TcpConnectInfo>()
+        .and_then(TcpConnectInfo::remote_addr)
+        .or_else(|| {
+            ext.get::<TlsConnectInfo<TcpConnectInfo>>()
+                .and_then(|i| i.get_ref().remote_addr())
+        })
 }

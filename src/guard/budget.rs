@@ -9,14 +9,25 @@
 //! is allocated, so they run ahead of `used`; `used` catches what no reservation
 //! describes. A [`Permit`] is the only way bytes leave the budget: it releases on
 //! drop, whatever ended the request.
+//!
+//! Every reservation belongs to a client (a token name, a certificate identity
+//! or a peer address, decided by the admission layer). Waiting calls are served
+//! fairly across clients ([`super::fair`]): clients take turns, and while others
+//! wait no client is granted more than `client_share` of the budget.
 
 use std::{
     collections::VecDeque,
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{Arc, LazyLock, Mutex, MutexGuard},
     time::Duration,
 };
 
 use tokio::sync::oneshot;
+
+use super::fair::{FairQueue, Waiting};
+
+/// The client of calls that name none ([`Budget::try_acquire`]).
+pub const UNKNOWN_CLIENT: &str = "unknown";
+static UNKNOWN: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from(UNKNOWN_CLIENT));
 
 /// How hard memory is pressed, with hysteresis between levels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
@@ -57,12 +68,28 @@ pub struct Limits {
     pub small_request: u64,
     /// What a request costs while it waits: what hyper may buffer for its stream.
     pub wait_charge: u64,
+    /// Share of the budget, in (0, 1], one client may hold while others wait;
+    /// also its share of the wait queue.
+    pub client_share: f64,
 }
 
 impl Limits {
     /// `limit × ratio − reserve`, never below zero.
     pub fn budget_for(limit: u64, ratio: f64, reserve: u64) -> u64 {
         ((limit as f64 * ratio) as u64).saturating_sub(reserve)
+    }
+
+    /// Bytes one client may hold while others wait; a share of 1 is no cap.
+    pub fn client_cap(&self) -> u64 {
+        if self.client_share >= 1.0 {
+            return u64::MAX;
+        }
+        (self.budget as f64 * self.client_share.max(0.0)) as u64
+    }
+
+    /// Calls one client may have waiting: its share of `queue_max`, at least one.
+    pub fn client_queue_max(&self) -> usize {
+        ((self.queue_max as f64 * self.client_share.clamp(0.0, 1.0)).ceil() as usize).max(1)
     }
 }
 
@@ -107,6 +134,11 @@ impl Rejection {
 pub enum BusyReason {
     /// The wait queue was full.
     QueueFull,
+    /// The client already has its share of the wait queue.
+    ClientQueueFull,
+    /// The call, of a client over its share of the budget, gave its place in
+    /// the queue to a client within its share that had no room to wait.
+    Evicted,
     /// Not even the wait charge fits: waiting would itself risk the limit.
     NoRoomToWait,
     /// Waited `queue_timeout` (or the call's deadline) without the memory freeing up.
@@ -120,6 +152,8 @@ impl BusyReason {
     pub fn as_str(self) -> &'static str {
         match self {
             BusyReason::QueueFull => "queue_full",
+            BusyReason::ClientQueueFull => "client_queue_full",
+            BusyReason::Evicted => "evicted",
             BusyReason::NoRoomToWait => "no_room_to_wait",
             BusyReason::Timeout => "timeout",
             BusyReason::WouldDeadlock => "would_deadlock",
@@ -161,7 +195,10 @@ struct State {
     baseline: u64,
     reserved: u64,
     pressure: Pressure,
-    waiters: VecDeque<Waiter>,
+    /// New calls waiting, per client, served in turns.
+    queue: FairQueue<Waiter>,
+    /// Calls waiting to grow what they hold: served before any new call.
+    growers: VecDeque<Waiter>,
     next_id: u64,
     /// Sum of what waiting growers already hold (see [`Budget::try_grow`]).
     growers_hold: u64,
@@ -171,25 +208,43 @@ struct State {
 
 struct Waiter {
     id: u64,
+    client: Arc<str>,
     /// Total the request needs; `charged` of it is already reserved.
     needed: u64,
     charged: u64,
     /// For a grower: what its call already holds.
     holds: u64,
-    tx: oneshot::Sender<Permit>,
+    tx: oneshot::Sender<Outcome>,
 }
 
-/// Bytes held in the budget; released on drop.
+/// What a waiting call gets: its permit, or (evicted) a rejection.
+type Outcome = Result<Permit, Rejection>;
+
+impl Waiting for Waiter {
+    fn id(&self) -> u64 {
+        self.id
+    }
+    fn needed(&self) -> u64 {
+        self.needed
+    }
+    fn charged(&self) -> u64 {
+        self.charged
+    }
+}
+
+/// Bytes held in the budget for one client; released on drop.
 #[must_use = "a permit releases its bytes when dropped"]
 pub struct Permit {
     inner: Arc<Inner>,
     bytes: u64,
+    client: Arc<str>,
 }
 
 impl std::fmt::Debug for Permit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Permit")
             .field("bytes", &self.bytes)
+            .field("client", &self.client)
             .finish()
     }
 }
@@ -200,10 +255,28 @@ impl Permit {
         self.bytes
     }
 
-    /// Adds `other`'s bytes to this permit.
+    /// The client the bytes are held for.
+    pub fn client(&self) -> &Arc<str> {
+        &self.client
+    }
+
+    /// Adds `other`'s bytes to this permit (the same client's).
     pub fn absorb(&mut self, mut other: Permit) {
         debug_assert!(Arc::ptr_eq(&self.inner, &other.inner));
+        debug_assert_eq!(self.client, other.client);
         self.bytes += std::mem::take(&mut other.bytes);
+    }
+
+    /// Moves up to `bytes` of this permit into a new one, so the two can be
+    /// released apart (a cut stream keeps only what the transport still buffers).
+    pub fn split(&mut self, bytes: u64) -> Permit {
+        let moved = bytes.min(self.bytes);
+        self.bytes -= moved;
+        Permit {
+            inner: self.inner.clone(),
+            bytes: moved,
+            client: self.client.clone(),
+        }
     }
 }
 
@@ -218,6 +291,7 @@ impl Drop for Permit {
                 .reserved
                 .checked_sub(self.bytes)
                 .expect("budget accounting: released more than reserved");
+            st.queue.release(&self.client, self.bytes);
             st.update_pressure();
             st.grant(&self.inner)
         };
@@ -228,11 +302,11 @@ impl Drop for Permit {
 
 /// Grants made under the lock, delivered after it is released (a permit that
 /// nobody receives any more drops, and dropping takes the lock).
-type Grants = Vec<(oneshot::Sender<Permit>, Permit)>;
+type Grants = Vec<(oneshot::Sender<Outcome>, Outcome)>;
 
 fn deliver(grants: Grants) {
-    for (tx, permit) in grants {
-        let _ = tx.send(permit);
+    for (tx, outcome) in grants {
+        let _ = tx.send(outcome);
     }
 }
 
@@ -282,25 +356,61 @@ impl State {
         };
     }
 
-    /// Admits waiters from the head of the queue while they fit (strict FIFO: a
-    /// large request at the head is not starved by small ones behind it).
+    /// Whether `client`, given `bytes` more, would hold more than its share
+    /// (a client holding nothing never does; a share of 1 is no cap).
+    fn over_share(&self, client: &str, bytes: u64) -> bool {
+        let held = self.queue.held(client);
+        held > 0 && held.saturating_add(bytes) > self.limits.client_cap()
+    }
+
+    /// Whether `bytes` would fit once `release` bytes of reservations go.
+    fn fits_after_releasing(&self, release: u64, bytes: u64) -> bool {
+        let reserved = self.reserved.saturating_sub(release);
+        let committed = self.used.max(self.baseline.saturating_add(reserved));
+        committed.saturating_add(bytes) <= self.limits.budget
+    }
+
+    fn waiting(&self) -> usize {
+        self.queue.len() + self.growers.len()
+    }
+
+    /// Admits waiters while they fit: growers first, then new calls, the client
+    /// whose turn it is first. Whoever is next waits until its call fits;
+    /// nobody behind it jumps ahead (a large call is not starved by small ones).
     fn grant(&mut self, inner: &Arc<Inner>) -> Grants {
         let mut grants = Vec::new();
-        while let Some(head) = self.waiters.front() {
-            let extra = head.needed - head.charged;
-            if !self.fits(extra) || !self.level_allows(head.needed) {
+        loop {
+            let cap = self.limits.client_cap();
+            let next = match self.growers.front() {
+                Some(g) => Some((g.charged, g.needed)),
+                None => self.queue.next(cap).map(|(_, w)| (w.charged, w.needed)),
+            };
+            let Some((charged, needed)) = next else { break };
+            // The rule a new call meets, its own wait charge aside: when the
+            // working set dominates, the charge does not raise it, so checking
+            // only `needed - charged` would admit calls that do not fit.
+            if !self.fits_after_releasing(charged, needed) || !self.level_allows(needed) {
                 break;
             }
-            let w = self.waiters.pop_front().expect("front exists");
+            let extra = needed - charged;
+            let w = match self.growers.pop_front() {
+                Some(g) => g,
+                None => {
+                    let client = self.queue.next(cap).expect("checked above").0.clone();
+                    self.queue.pop(&client).expect("client has a waiter")
+                }
+            };
             self.reserved += extra;
             self.growers_hold -= w.holds;
             self.charges -= w.charged;
+            self.queue.hold(&w.client, w.needed);
             grants.push((
                 w.tx,
-                Permit {
+                Ok(Permit {
                     inner: inner.clone(),
                     bytes: w.needed,
-                },
+                    client: w.client,
+                }),
             ));
         }
         if !grants.is_empty() {
@@ -323,7 +433,9 @@ pub enum Admission {
 pub struct Ticket {
     inner: Arc<Inner>,
     id: u64,
-    rx: Option<oneshot::Receiver<Permit>>,
+    client: Arc<str>,
+    grower: bool,
+    rx: Option<oneshot::Receiver<Outcome>>,
 }
 
 impl std::fmt::Debug for Ticket {
@@ -335,6 +447,12 @@ impl std::fmt::Debug for Ticket {
 impl Ticket {
     /// The permit, if it has been granted already (non-blocking).
     pub fn try_take(&mut self) -> Option<Permit> {
+        self.try_outcome()?.ok()
+    }
+
+    /// The permit, or the rejection of a call evicted from the queue, if
+    /// either has come (non-blocking).
+    pub fn try_outcome(&mut self) -> Option<Result<Permit, Rejection>> {
         self.rx.as_mut()?.try_recv().ok()
     }
 
@@ -344,14 +462,15 @@ impl Ticket {
             unreachable!("a ticket is waited on once")
         };
         match tokio::time::timeout(max_wait, rx).await {
-            Ok(Ok(permit)) => Ok(permit),
+            Ok(Ok(outcome)) => outcome,
             _ => {
                 let st = self.inner.lock();
-                let needed = st
-                    .waiters
-                    .iter()
-                    .find(|w| w.id == self.id)
-                    .map_or(0, |w| w.needed);
+                let needed = if self.grower {
+                    st.growers.iter().find(|w| w.id == self.id)
+                } else {
+                    st.queue.get(&self.client, self.id)
+                }
+                .map_or(0, |w| w.needed);
                 Err(busy(&st, needed, BusyReason::Timeout))
             }
         }
@@ -362,11 +481,16 @@ impl Drop for Ticket {
     fn drop(&mut self) {
         let grants = {
             let mut st = self.inner.lock();
-            let Some(pos) = st.waiters.iter().position(|w| w.id == self.id) else {
+            let w = if self.grower {
+                let pos = st.growers.iter().position(|w| w.id == self.id);
+                pos.and_then(|pos| st.growers.remove(pos))
+            } else {
+                st.queue.remove(&self.client, self.id)
+            };
+            let Some(w) = w else {
                 // Already granted: the permit, if never received, drops with the channel.
                 return;
             };
-            let w = st.waiters.remove(pos).expect("position exists");
             st.reserved -= w.charged;
             st.charges -= w.charged;
             st.growers_hold -= w.holds;
@@ -384,7 +508,7 @@ fn busy(st: &State, needed: u64, reason: BusyReason) -> Rejection {
         available: st.available(),
         budget: st.limits.budget,
         limit: st.limits.limit,
-        waiting: st.waiters.len(),
+        waiting: st.waiting(),
         reason,
     }
 }
@@ -400,7 +524,8 @@ impl Budget {
                     baseline: 0,
                     reserved: 0,
                     pressure: Pressure::Normal,
-                    waiters: VecDeque::new(),
+                    queue: FairQueue::new(),
+                    growers: VecDeque::new(),
                     next_id: 0,
                     growers_hold: 0,
                     charges: 0,
@@ -410,76 +535,128 @@ impl Budget {
         }
     }
 
-    /// Takes `bytes` now if they fit and nobody is waiting ahead; else joins the
-    /// queue (reserving the wait charge), or rejects when even waiting cannot be afforded.
+    /// [`Budget::try_acquire_for`] a call that names no client.
     pub fn try_acquire(&self, bytes: u64) -> Result<Admission, Rejection> {
-        let mut st = self.inner.lock();
-        if bytes > st.limits.budget {
-            return Err(Rejection::NeverFits {
-                needed: bytes,
-                budget: st.limits.budget,
-                limit: st.limits.limit,
-            });
-        }
-        if st.waiters.is_empty() && st.level_allows(bytes) && st.fits(bytes) {
-            st.reserved += bytes;
-            st.update_pressure();
-            return Ok(Admission::Now(Permit {
-                inner: self.inner.clone(),
-                bytes,
-            }));
-        }
-        if st.waiters.len() >= st.limits.queue_max {
-            return Err(busy(&st, bytes, BusyReason::QueueFull));
-        }
-        let charge = st.limits.wait_charge.min(bytes);
-        if !st.fits(charge) {
-            return Err(busy(&st, bytes, BusyReason::NoRoomToWait));
-        }
-        st.reserved += charge;
-        st.charges += charge;
-        Ok(Admission::Queued(
-            self.enqueue(&mut st, bytes, charge, 0, false),
-        ))
+        self.try_acquire_for(&UNKNOWN, bytes)
     }
 
+    /// Takes `bytes` for `client` now if they fit and nobody is waiting; else
+    /// joins the client's queue (reserving the wait charge), or rejects when the
+    /// queue (or the client's share of it) is full or even waiting cannot be afforded.
+    pub fn try_acquire_for(&self, client: &Arc<str>, bytes: u64) -> Result<Admission, Rejection> {
+        let (ticket, grants) = {
+            let mut st = self.inner.lock();
+            if bytes > st.limits.budget {
+                return Err(Rejection::NeverFits {
+                    needed: bytes,
+                    budget: st.limits.budget,
+                    limit: st.limits.limit,
+                });
+            }
+            if st.waiting() == 0 && st.level_allows(bytes) && st.fits(bytes) {
+                st.reserved += bytes;
+                st.queue.hold(client, bytes);
+                st.update_pressure();
+                return Ok(Admission::Now(Permit {
+                    inner: self.inner.clone(),
+                    bytes,
+                    client: client.clone(),
+                }));
+            }
+            if st.waiting() >= st.limits.queue_max {
+                return Err(busy(&st, bytes, BusyReason::QueueFull));
+            }
+            if st.queue.queued(client) >= st.limits.client_queue_max() {
+                return Err(busy(&st, bytes, BusyReason::ClientQueueFull));
+            }
+            let charge = st.limits.wait_charge.min(bytes);
+            // A client flooding the queue must not lock the others out of it:
+            // one within its share may take the place of a call of a client
+            // over its share (which gets RESOURCE_EXHAUSTED, as if it had come
+            // a moment later).
+            let mut outcomes = Vec::new();
+            if !st.fits(charge) && !st.over_share(client, bytes) {
+                let cap = st.limits.client_cap();
+                if st.fits_after_releasing(st.queue.evictable(cap, client), charge) {
+                    while !st.fits(charge) {
+                        let w = st.queue.evict(cap, client).expect("evictable charges");
+                        st.reserved -= w.charged;
+                        st.charges -= w.charged;
+                        let rejection = busy(&st, w.needed, BusyReason::Evicted);
+                        outcomes.push((w.tx, Err(rejection)));
+                    }
+                    st.update_pressure();
+                }
+            }
+            if !st.fits(charge) {
+                return Err(busy(&st, bytes, BusyReason::NoRoomToWait));
+            }
+            st.reserved += charge;
+            st.charges += charge;
+            let ticket = self.enqueue(&mut st, client, bytes, charge, None);
+            // Its turn may be now: the clients ahead may all be over their share.
+            outcomes.extend(st.grant(&self.inner));
+            (ticket, outcomes)
+        };
+        deliver(grants);
+        Ok(Admission::Queued(ticket))
+    }
+
+    /// Queues a call of `client` needing `needed` (of which `charged` is already
+    /// reserved); a grower (`grows`: what its call holds) goes ahead of every new call.
     fn enqueue(
         &self,
         st: &mut State,
+        client: &Arc<str>,
         needed: u64,
         charged: u64,
-        holds: u64,
-        front: bool,
+        grows: Option<u64>,
     ) -> Ticket {
         let id = st.next_id;
         st.next_id += 1;
         let (tx, rx) = oneshot::channel();
+        let grower = grows.is_some();
+        let holds = grows.unwrap_or(0);
         let w = Waiter {
             id,
+            client: client.clone(),
             needed,
             charged,
             holds,
             tx,
         };
-        if front {
-            st.waiters.push_front(w);
+        if grower {
+            st.growers.push_back(w);
         } else {
-            st.waiters.push_back(w);
+            st.queue.push(client, w);
         }
         st.growers_hold += holds;
         st.update_pressure();
         Ticket {
             inner: self.inner.clone(),
             id,
+            client: client.clone(),
+            grower,
             rx: Some(rx),
         }
     }
 
-    /// Adds `extra` bytes for a call that already holds `holds` (an echo learnt
-    /// after decoding). It goes ahead of the queue, since finishing it frees
-    /// memory; it is rejected at once when everything it could wait for is
-    /// itself waiting to grow (hold-and-wait would deadlock).
+    /// [`Budget::try_grow_for`] a call that names no client.
     pub fn try_grow(&self, holds: u64, extra: u64) -> Result<Admission, Rejection> {
+        self.try_grow_for(&UNKNOWN, holds, extra)
+    }
+
+    /// Adds `extra` bytes for a call of `client` that already holds `holds` (an
+    /// echo learnt after decoding). It goes ahead of the queue and past the
+    /// client's share, since finishing it frees memory; it is rejected at once
+    /// when everything it could wait for is itself waiting to grow
+    /// (hold-and-wait would deadlock).
+    pub fn try_grow_for(
+        &self,
+        client: &Arc<str>,
+        holds: u64,
+        extra: u64,
+    ) -> Result<Admission, Rejection> {
         let mut st = self.inner.lock();
         if holds.saturating_add(extra) > st.limits.budget {
             return Err(Rejection::NeverFits {
@@ -490,10 +667,12 @@ impl Budget {
         }
         if st.pressure < Pressure::Critical && st.fits(extra) {
             st.reserved += extra;
+            st.queue.hold(client, extra);
             st.update_pressure();
             return Ok(Admission::Now(Permit {
                 inner: self.inner.clone(),
                 bytes: extra,
+                client: client.clone(),
             }));
         }
         let releasable = st
@@ -502,9 +681,13 @@ impl Budget {
         if releasable == 0 {
             return Err(busy(&st, extra, BusyReason::WouldDeadlock));
         }
-        Ok(Admission::Queued(
-            self.enqueue(&mut st, extra, 0, holds, true),
-        ))
+        Ok(Admission::Queued(self.enqueue(
+            &mut st,
+            client,
+            extra,
+            0,
+            Some(holds),
+        )))
     }
 
     /// [`Budget::try_acquire`], then waiting up to `max_wait` in the queue.
@@ -521,7 +704,7 @@ impl Budget {
             let mut st = self.inner.lock();
             st.used = used;
             st.limits = limits;
-            if st.reserved == 0 && st.waiters.is_empty() {
+            if st.reserved == 0 && st.waiting() == 0 {
                 st.baseline = used;
             } else {
                 // Busy: the idle footprint is at most what is in use now.
@@ -548,16 +731,21 @@ impl Budget {
             used: st.used,
             baseline: st.baseline,
             reserved: st.reserved,
-            waiting: st.waiters.len(),
+            waiting: st.waiting(),
             pressure: st.pressure,
         }
+    }
+
+    /// Bytes `client` holds in granted permits (wait charges not included).
+    pub fn client_held(&self, client: &str) -> u64 {
+        self.inner.lock().queue.held(client)
     }
 
     /// Suggested client back-off (gRFC A6 pushback): longer as the queue grows,
     /// with ±20% jitter so clients rejected together do not all come back together.
     pub fn pushback(&self) -> Duration {
         use std::hash::{BuildHasher, Hasher};
-        let waiting = self.inner.lock().waiters.len() as u64;
+        let waiting = self.inner.lock().waiting() as u64;
         let base = (250 * (1 + waiting)).min(5000);
         let random = std::collections::hash_map::RandomState::new()
             .build_hasher()
@@ -582,6 +770,19 @@ mod tests {
             queue_max: 4,
             small_request: MIB,
             wait_charge: MIB,
+            client_share: 1.0,
+        }
+    }
+
+    fn key(s: &str) -> Arc<str> {
+        Arc::from(s)
+    }
+
+    fn queued(a: Result<Admission, Rejection>) -> Ticket {
+        match a {
+            Ok(Admission::Queued(t)) => t,
+            Ok(Admission::Now(p)) => panic!("admitted at once: {p:?}"),
+            Err(e) => panic!("{e}"),
         }
     }
 
@@ -744,5 +945,149 @@ mod tests {
         drop(p);
         assert_eq!(*seen.lock().unwrap(), vec![7 * MIB]);
         assert_eq!(b.view().reserved, 0);
+    }
+
+    /// Half the budget per client; pressure levels out of the way.
+    fn shared(budget: u64) -> Limits {
+        Limits {
+            client_share: 0.5,
+            small_request: budget,
+            ..limits(budget)
+        }
+    }
+
+    #[test]
+    fn waiting_clients_take_turns() {
+        let (a, b) = (key("a"), key("b"));
+        let bud = Budget::new(shared(100 * MIB), |_| {});
+        let hold = now(bud.try_acquire_for(&a, 90 * MIB));
+        // a queues two calls before b queues one.
+        let mut a1 = queued(bud.try_acquire_for(&a, 40 * MIB));
+        let mut a2 = queued(bud.try_acquire_for(&a, 40 * MIB));
+        let mut b1 = queued(bud.try_acquire_for(&b, 40 * MIB));
+        drop(hold);
+        // Room for two: a's first, then b's turn, ahead of a's second (FIFO
+        // would have granted a1 and a2).
+        let a1 = a1.try_take().expect("a1 granted");
+        let b1 = b1.try_take().expect("b1 granted before a2");
+        assert!(a2.try_take().is_none());
+        assert_eq!(bud.client_held("a"), 40 * MIB);
+        assert_eq!(bud.client_held("b"), 40 * MIB);
+        drop((a1, b1));
+        assert!(a2.try_take().is_some());
+    }
+
+    #[test]
+    fn a_client_over_its_share_waits_while_others_are_served() {
+        let (a, b) = (key("a"), key("b"));
+        let bud = Budget::new(shared(100 * MIB), |_| {});
+        // Nobody waits: a may take more than its share (50 MiB).
+        let p1 = now(bud.try_acquire_for(&a, 40 * MIB));
+        let _p2 = now(bud.try_acquire_for(&a, 55 * MIB));
+        let mut a3 = queued(bud.try_acquire_for(&a, 30 * MIB));
+        let mut b1 = queued(bud.try_acquire_for(&b, 30 * MIB));
+        drop(p1);
+        // a, first in turn, would hold 85 MiB: over its share while b waits.
+        let b1 = b1.try_take().expect("b served first");
+        assert!(a3.try_take().is_none(), "no room left for a");
+        drop(b1);
+        assert!(a3.try_take().is_some(), "a next");
+        assert_eq!(bud.client_held("a"), 55 * MIB);
+    }
+
+    #[test]
+    fn a_new_client_goes_past_a_client_over_its_share() {
+        let (a, b) = (key("a"), key("b"));
+        let bud = Budget::new(shared(100 * MIB), |_| {});
+        let _p = now(bud.try_acquire_for(&a, 90 * MIB));
+        let mut a2 = queued(bud.try_acquire_for(&a, 20 * MIB));
+        // 5 MiB fit; a's waiting call is ahead in the queue but a is over its share.
+        let mut b1 = queued(bud.try_acquire_for(&b, 5 * MIB));
+        assert_eq!(b1.try_take().map(|p| p.bytes()), Some(5 * MIB));
+        assert!(a2.try_take().is_none());
+    }
+
+    #[test]
+    fn a_client_gets_its_share_of_the_queue() {
+        let (a, b) = (key("a"), key("b"));
+        // queue_max 4, share 0.5: two waiters per client.
+        let bud = Budget::new(shared(100 * MIB), |_| {});
+        let _p = now(bud.try_acquire_for(&a, 90 * MIB));
+        let _t: Vec<_> = (0..2)
+            .map(|_| queued(bud.try_acquire_for(&a, 20 * MIB)))
+            .collect();
+        let e = bud
+            .try_acquire_for(&a, 20 * MIB)
+            .expect_err("a's share is full");
+        assert!(matches!(
+            e,
+            Rejection::Busy {
+                reason: BusyReason::ClientQueueFull,
+                ..
+            }
+        ));
+        let _b = queued(bud.try_acquire_for(&b, 20 * MIB));
+    }
+
+    #[test]
+    fn split_permits_release_apart() {
+        let a = key("a");
+        let bud = Budget::new(limits(100 * MIB), |_| {});
+        let mut p = now(bud.try_acquire_for(&a, 10 * MIB));
+        let kept = p.split(2 * MIB);
+        assert_eq!((p.bytes(), kept.bytes()), (8 * MIB, 2 * MIB));
+        drop(p);
+        assert_eq!(bud.view().reserved, 2 * MIB);
+        assert_eq!(bud.client_held("a"), 2 * MIB);
+        let mut small = kept;
+        assert_eq!(
+            small.split(5 * MIB).bytes(),
+            2 * MIB,
+            "at most what it holds"
+        );
+        drop(small);
+        assert_eq!(bud.view().reserved, 0);
+        assert_eq!(bud.client_held("a"), 0);
+    }
+
+    #[test]
+    fn a_client_within_its_share_takes_the_place_of_one_over_it() {
+        let (a, b) = (key("a"), key("b"));
+        let limits = Limits {
+            queue_max: 8,
+            ..shared(100 * MIB)
+        };
+        let bud = Budget::new(limits, |_| {});
+        let _p = now(bud.try_acquire_for(&a, 98 * MIB));
+        // a alone takes every place there is room for.
+        let mut a1 = queued(bud.try_acquire_for(&a, 20 * MIB));
+        let mut a2 = queued(bud.try_acquire_for(&a, 20 * MIB));
+        let e = bud.try_acquire_for(&a, 20 * MIB).expect_err("no room");
+        assert!(matches!(
+            e,
+            Rejection::Busy {
+                reason: BusyReason::NoRoomToWait,
+                ..
+            }
+        ));
+        // b holds nothing: a's newest call gives its place up.
+        let mut b1 = queued(bud.try_acquire_for(&b, 20 * MIB));
+        assert!(matches!(
+            a2.try_outcome(),
+            Some(Err(Rejection::Busy {
+                reason: BusyReason::Evicted,
+                ..
+            }))
+        ));
+        assert!(a1.try_outcome().is_none(), "a's older call still waits");
+        assert!(b1.try_outcome().is_none());
+        assert_eq!(bud.view().reserved, 100 * MIB);
+        assert_eq!(bud.view().waiting, 2);
+        drop(a2);
+        assert_eq!(
+            bud.view().reserved,
+            100 * MIB,
+            "its charge went at eviction"
+        );
     }
 }

@@ -30,6 +30,10 @@ pub const DEFAULT_PURGE_THRESHOLD: ByteSize = ByteSize::mib(32);
 /// A purge of 300 MB dirty takes 20–40 ms; four a second at most caps purge CPU
 /// near a tenth of a core, and an idle purge costs microseconds.
 pub const DEFAULT_PURGE_MIN_INTERVAL: Duration = Duration::from_millis(250);
+/// Half the budget: one client flooding the server still leaves the other half
+/// to everyone else, and alone it can use all of it (the cap applies only while
+/// others wait).
+pub const DEFAULT_MAX_CLIENT_SHARE: f64 = 0.5;
 
 /// The memory guard's settings.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -64,6 +68,9 @@ pub struct MemoryConfig {
     /// Shortest time between two purges.
     #[serde(with = "humantime_serde")]
     pub purge_min_interval: Duration,
+    /// Share of the budget, in (0, 1], one client may hold while other clients
+    /// wait for memory; also its share of `queue_max`.
+    pub max_client_share: f64,
 }
 
 impl Default for MemoryConfig {
@@ -80,6 +87,7 @@ impl Default for MemoryConfig {
             queue_timeout: DEFAULT_QUEUE_TIMEOUT,
             purge_threshold: DEFAULT_PURGE_THRESHOLD,
             purge_min_interval: DEFAULT_PURGE_MIN_INTERVAL,
+            max_client_share: DEFAULT_MAX_CLIENT_SHARE,
         }
     }
 }
@@ -100,6 +108,7 @@ impl MemoryConfig {
         ratio("memory.budget_ratio", self.budget_ratio)?;
         ratio("memory.soft_watermark", self.soft_watermark)?;
         ratio("memory.hard_watermark", self.hard_watermark)?;
+        ratio("memory.max_client_share", self.max_client_share)?;
         if self.soft_watermark >= self.hard_watermark {
             return Err(ConfigError::invalid(
                 "memory.soft_watermark",

@@ -1,7 +1,10 @@
 //! How much memory a call will need, decided from its path before its body is
-//! read: a fixed window for streaming calls, the gRPC length prefix for unary ones.
+//! read: a fixed window for streaming calls, the gRPC length prefix for unary ones;
+//! and how much progress its streams must make to keep that memory.
 
 use std::{collections::HashMap, time::Duration};
+
+use super::watch::StreamLimits;
 
 /// The estimate for one method.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,6 +34,11 @@ pub struct Class {
 /// Classifies calls by path (`/package.Service/Method`).
 pub trait Estimator: Clone + Send + Sync + 'static {
     fn classify(&self, path: &str) -> Class;
+
+    /// The progress every guarded call must make to keep its reservation.
+    fn stream_limits(&self) -> StreamLimits {
+        StreamLimits::OFF
+    }
 }
 
 /// A table of methods, with bypassed service prefixes and a default for the rest.
@@ -39,6 +47,7 @@ pub struct MethodTable {
     methods: HashMap<&'static str, Estimate>,
     bypass_prefixes: Vec<&'static str>,
     default: Estimate,
+    limits: StreamLimits,
 }
 
 impl MethodTable {
@@ -48,7 +57,14 @@ impl MethodTable {
             methods: HashMap::new(),
             bypass_prefixes: vec!["/grpc.health.v1.Health/", "/grpc.reflection."],
             default,
+            limits: StreamLimits::OFF,
         }
+    }
+
+    /// Sets the progress guarded calls must make (bypassed ones are never cut).
+    pub fn with_stream_limits(mut self, limits: StreamLimits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// Sets the estimate of `path` (`/package.Service/Method`).
@@ -76,6 +92,10 @@ impl Estimator for MethodTable {
             method: "other",
             estimate: self.default,
         }
+    }
+
+    fn stream_limits(&self) -> StreamLimits {
+        self.limits
     }
 }
 

@@ -48,6 +48,7 @@ pub fn limits_for(cfg: &MemoryConfig, limit: u64, wait_charge: u64) -> Limits {
         // "Small" under elevated pressure: below the size that is worth a purge.
         small_request: cfg.purge_threshold.as_u64(),
         wait_charge,
+        client_share: cfg.max_client_share,
     }
 }
 
@@ -191,7 +192,8 @@ impl Guard {
             queue_max,
             queue_timeout,
             purge_threshold,
-            purge_min_interval
+            purge_min_interval,
+            max_client_share
         );
         let mut applied = new;
         applied.enabled = old.enabled;

@@ -5,6 +5,11 @@
 //! `RESOURCE_EXHAUSTED` and a `grpc-retry-pushback-ms` trailer (gRFC A6) when
 //! the memory does not come. The permit rides on the response body and is
 //! released when the call ends in any way. Health checks bypass all of it.
+//!
+//! Reservations are taken for a client ([`ClientKey`]), so that the budget can
+//! share memory fairly between clients, and every admitted call is watched for
+//! progress ([`super::watch`]): a client that stops sending or reading is cut
+//! with `DEADLINE_EXCEEDED` instead of holding its reservation for ever.
 
 use std::{
     pin::Pin,
@@ -19,15 +24,44 @@ use tower::{Layer, Service};
 use super::{
     Guard,
     body::{Holding, Replay, first_bytes, read_ahead},
-    budget::{self, Permit, Rejection},
+    budget::{self, Permit, Rejection, UNKNOWN_CLIENT},
     estimate::{Estimate, Estimator, parse_grpc_timeout, parse_prefix},
+    watch::Watch,
 };
 
-/// Told about every admission decision (metrics). Methods are bounded labels.
+/// Told about every admission decision (metrics). Methods and reasons are
+/// bounded labels.
 pub trait AdmissionObserver: Send + Sync + 'static {
     fn admitted(&self, _method: &'static str, _bytes: u64, _waited: Option<Duration>) {}
     fn queued(&self, _method: &'static str) {}
     fn rejected(&self, _method: &'static str, _reason: &'static str) {}
+    /// A call was cut for making no progress ([`super::watch::Cut::reason`]).
+    fn stream_cut(&self, _method: &'static str, _reason: &'static str) {}
+}
+
+/// Who is calling, for the budget's fair share: a request extension set by an
+/// authentication layer in front of the guard (a token's name, a certificate
+/// identity). Without one the guard uses the peer's IP address, else "unknown".
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ClientKey(pub Arc<str>);
+
+/// The client a call's memory is reserved for: its [`ClientKey`], else the
+/// peer's IP address, else [`UNKNOWN_CLIENT`].
+pub fn client_key<B>(req: &mut http::Request<B>) -> Arc<str> {
+    if let Some(ClientKey(key)) = req.extensions().get::<ClientKey>() {
+        return key.clone();
+    }
+    // tonic's own lookup knows where its transport puts the peer address, with
+    // TLS (`TlsConnectInfo<TcpConnectInfo>`) and without (`TcpConnectInfo`), so
+    // borrow it instead of naming types that exist only with tonic's TLS feature.
+    let extensions = std::mem::take(req.extensions_mut());
+    let probe = tonic::Request::from_parts(tonic::metadata::MetadataMap::new(), extensions, ());
+    let peer = probe.remote_addr();
+    *req.extensions_mut() = probe.into_parts().1;
+    match peer {
+        Some(addr) => Arc::from(addr.ip().to_canonical().to_string()),
+        None => Arc::from(UNKNOWN_CLIENT),
+    }
 }
 
 /// An observer that ignores everything.
@@ -56,11 +90,23 @@ impl Reservation {
             .bytes()
     }
 
+    /// The client the memory is reserved for.
+    pub fn client(&self) -> Arc<str> {
+        self.permit
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .client()
+            .clone()
+    }
+
     /// Reserves `extra` bytes more, waiting like a new call would.
     pub async fn grow(&self, extra: u64) -> Result<(), Status> {
         let wait = max_wait(&self.guard, self.deadline);
         let holds = self.bytes();
-        let admission = self.guard.budget().try_grow(holds, extra);
+        let admission = self
+            .guard
+            .budget()
+            .try_grow_for(&self.client(), holds, extra);
         match decide(&self.guard, self.method, extra, admission, wait).await {
             Ok(more) => {
                 self.permit
@@ -125,7 +171,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+    fn call(&mut self, mut req: http::Request<Body>) -> Self::Future {
         // The clone that was polled ready serves this call (tower's usual dance).
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
@@ -135,7 +181,17 @@ where
             return Box::pin(async move { Ok(fut.await?.map(Body::new)) });
         }
         let guard = self.guard.clone();
-        Box::pin(async move {
+        let client = client_key(&mut req);
+        // Watched from the first byte: a client that sends headers and then
+        // nothing is cut too, even before it is admitted.
+        let limits = self.estimator.stream_limits();
+        let watch = (!limits.is_off()).then(|| Watch::start(class.method, limits, guard.clone()));
+        let req = match &watch {
+            Some(w) => req.map(|b| w.request_body(b)),
+            None => req,
+        };
+        let watch2 = watch.clone();
+        let admitted = async move {
             let deadline = req
                 .headers()
                 .get("grpc-timeout")
@@ -166,21 +222,46 @@ where
                 }
                 Estimate::Bypass => unreachable!("handled above"),
             };
-            let permit =
-                match acquire(&guard, class.method, bytes, max_wait(&guard, deadline)).await {
-                    Ok(p) => p,
-                    Err(rejection) => return Ok(rejection_status(&guard, &rejection).into_http()),
-                };
+            let wait = max_wait(&guard, deadline);
+            let permit = match acquire(&guard, class.method, &client, bytes, wait).await {
+                Ok(p) => p,
+                Err(rejection) => return Ok(rejection_status(&guard, &rejection).into_http()),
+            };
             let reservation = Reservation {
                 permit: Arc::new(Mutex::new(permit)),
                 guard,
                 deadline,
                 method: class.method,
             };
+            if let Some(w) = &watch2 {
+                w.admitted(&reservation.permit);
+            }
             let mut req = req;
             req.extensions_mut().insert(reservation.clone());
             let resp = inner.call(req).await?;
-            Ok(resp.map(|b| Body::new(Holding::new(b, reservation))))
+            let body = |b| Body::new(Holding::new(b, reservation));
+            Ok(match &watch2 {
+                Some(w) => resp.map(|b| w.response_body(body(b))),
+                None => resp.map(body),
+            })
+        };
+        let Some(watch) = watch else {
+            return Box::pin(admitted);
+        };
+        Box::pin(async move {
+            let mut admitted = std::pin::pin!(admitted);
+            // A cut before the handler answered drops its future (and with it
+            // the request body and any upload in progress, suspended as on a
+            // disconnect) and answers in its place.
+            std::future::poll_fn(|cx| {
+                // The cut first: once there is one the handler is not polled
+                // again (it would only see its request body fail).
+                if let Poll::Ready(cut) = watch.poll_cut(cx) {
+                    return Poll::Ready(Ok(cut.status().into_http()));
+                }
+                admitted.as_mut().poll(cx)
+            })
+            .await
         })
     }
 }
@@ -200,6 +281,7 @@ fn max_wait(guard: &Guard, deadline: Option<Instant>) -> Duration {
 async fn acquire(
     guard: &Guard,
     method: &'static str,
+    client: &Arc<str>,
     bytes: u64,
     wait: Duration,
 ) -> Result<Permit, Rejection> {
@@ -207,7 +289,7 @@ async fn acquire(
         guard,
         method,
         bytes,
-        guard.budget().try_acquire(bytes),
+        guard.budget().try_acquire_for(client, bytes),
         wait,
     )
     .await
@@ -257,4 +339,29 @@ pub fn rejection_status(guard: &Guard, rejection: &Rejection) -> Status {
         status.metadata_mut().insert("grpc-retry-pushback-ms", v);
     }
     status
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::transport::server::TcpConnectInfo;
+
+    #[test]
+    fn the_client_is_its_key_else_its_peer_address_else_unknown() {
+        let mut req = http::Request::new(());
+        assert_eq!(&*client_key(&mut req), UNKNOWN_CLIENT);
+        req.extensions_mut().insert(TcpConnectInfo {
+            local_addr: None,
+            remote_addr: Some("[::ffff:10.0.0.7]:50000".parse().unwrap()),
+        });
+        // An IPv4 peer is one client whether it came over IPv4 or IPv6.
+        assert_eq!(&*client_key(&mut req), "10.0.0.7");
+        assert!(
+            req.extensions().get::<TcpConnectInfo>().is_some(),
+            "the extensions are put back"
+        );
+        req.extensions_mut()
+            .insert(ClientKey(Arc::from("ci-token")));
+        assert_eq!(&*client_key(&mut req), "ci-token");
+    }
 }

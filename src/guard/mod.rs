@@ -9,6 +9,7 @@
 //! - [`sampler`]: reads them every `poll_interval` and publishes a snapshot;
 //! - [`budget`]: the admission rule, reservations, queue and pressure levels;
 //! - [`layer`] and [`estimate`]: the tower layer and what each call needs;
+//! - [`watch`]: cutting calls whose client stops sending or reading;
 //! - [`jemalloc`] and [`purge`]: handing freed memory back.
 
 mod body;
@@ -17,12 +18,14 @@ pub mod cgroup;
 mod config;
 pub mod discover;
 pub mod estimate;
+mod fair;
 mod handle;
 pub mod jemalloc;
 pub mod layer;
 pub mod purge;
 pub mod sampler;
+pub mod watch;
 
 pub use config::*;
 pub use handle::{Guard, limits_for};
-pub use layer::{AdmissionLayer, Reservation};
+pub use layer::{AdmissionLayer, ClientKey, Reservation};

@@ -8,6 +8,7 @@ network.
 
 from __future__ import annotations
 
+import copy
 import os
 import pathlib
 import tomllib
@@ -24,6 +25,10 @@ K8S = ROOT / "k8s"
 # name gives resources the plain name "memgate", as in k8s/.
 RELEASE = "memgate"
 NAMESPACE = "memgate-system"
+# The one value an install must give: auth is on by default and the chart
+# refuses to render without the Secret holding the tokens file (k8s/ names the
+# same Secret). "default" below means the chart's defaults plus this.
+REQUIRED = {"auth": {"existingSecret": "memgate-tokens"}}
 
 
 def ci_value_files() -> list[pathlib.Path]:
@@ -31,11 +36,31 @@ def ci_value_files() -> list[pathlib.Path]:
 
 
 def value_sets() -> dict[str, dict]:
-    """The chart's defaults ({}) and every ci/*.yaml set, by name."""
-    sets = {"default": {}}
+    """The chart's defaults (with REQUIRED) and every ci/*.yaml set, by name.
+    The ci sets stand alone, as `ct lint` and `helm install -f` use them."""
+    sets = {"default": copy.deepcopy(REQUIRED)}
     for path in ci_value_files():
         sets[path.stem] = yaml.safe_load(path.read_text()) or {}
     return sets
+
+
+def merged(base: dict, over: dict) -> dict:
+    """`over` on top of `base`, maps merged key by key, as Helm merges -f files."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merged(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def deploy_section() -> str:
+    """The README's "Deploy on Kubernetes" section."""
+    text = (ROOT / "README.md").read_text()
+    start = text.index("## Deploy on Kubernetes")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end != -1 else len(text)]
 
 
 @dataclass
@@ -100,11 +125,14 @@ def chart():
 
 @pytest.fixture(scope="session")
 def render(chart):
-    """render(values, name=...) -> Render, through the real Helm template engine."""
+    """render(values, name=..., base=REQUIRED) -> Render, through the real Helm
+    template engine. `values` go on top of `base`, so a test names only what it
+    is about; pass base={} to render exactly `values`."""
 
-    def _render(values: dict | None = None, name: str = "custom") -> Render:
-        files = chart.render(values or {}, name=RELEASE, namespace=NAMESPACE, is_install=True)
-        return Render(name=name, values=values or {}, files=files)
+    def _render(values: dict | None = None, name: str = "custom", base: dict = REQUIRED) -> Render:
+        values = merged(base, values or {})
+        files = chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+        return Render(name=name, values=values, files=files)
 
     return _render
 
@@ -112,7 +140,7 @@ def render(chart):
 @pytest.fixture(scope="session")
 def renders(render) -> dict[str, Render]:
     """The chart rendered with its defaults and with every ci/*.yaml set."""
-    return {name: render(values, name=name) for name, values in value_sets().items()}
+    return {name: render(values, name=name, base={}) for name, values in value_sets().items()}
 
 
 @pytest.fixture(scope="session")

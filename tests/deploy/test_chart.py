@@ -11,7 +11,7 @@ import helm_python
 import pytest
 import yaml
 
-from conftest import CHART, ci_value_files, value_sets
+from conftest import CHART, REQUIRED, ci_value_files, value_sets
 
 SCHEMA = json.loads((CHART / "values.schema.json").read_text())
 VALUES = yaml.safe_load((CHART / "values.yaml").read_text())
@@ -52,7 +52,13 @@ def test_every_ci_set_renders_what_it_enables(renders):
         if "httpGet" in r.container()["livenessProbe"] and "httpGet" in r.container()["readinessProbe"]
     ]
     assert overridden, "no ci/*.yaml set overrides the probes"
-    assert len(ci_value_files()) >= 5
+    # TLS with client certificates, and auth turned off, are optional parts too.
+    mtls = [r.name for r in renders.values() if r.config().get("tls", {}).get("client_ca_file")]
+    assert mtls, "no ci/*.yaml set turns on TLS with a client CA"
+    assert not renders["default"].config().get("tls"), "TLS is opt-in"
+    off = [r.name for r in renders.values() if r.config()["auth"]["enabled"] is False]
+    assert off, "no ci/*.yaml set turns auth off"
+    assert len(ci_value_files()) >= 6
 
 
 def test_default_render_has_the_base_objects(renders):
@@ -88,7 +94,7 @@ def test_install_dry_run_checks_the_kube_version_floor(tmp_path):
     # Native gRPC probes are GA in 1.27; Helm refuses older clusters at install.
     chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
     assert chart["kubeVersion"] == ">=1.27.0-0"
-    release = dry_run_install(CHART)
+    release = dry_run_install(CHART, REQUIRED)
     assert "kind: Deployment" in release["manifest"]
     # The same chart demanding a Kubernetes newer than Helm's offline default
     # is refused, which shows the field is enforced at install time.
@@ -97,7 +103,7 @@ def test_install_dry_run_checks_the_kube_version_floor(tmp_path):
     text = (copy / "Chart.yaml").read_text().replace(">=1.27.0-0", ">=1.999.0-0")
     (copy / "Chart.yaml").write_text(text)
     with pytest.raises(helm_python.HelmReleaseError, match="requires kubeVersion"):
-        dry_run_install(copy)
+        dry_run_install(copy, REQUIRED)
 
 
 @pytest.mark.parametrize(
@@ -123,6 +129,16 @@ def test_install_dry_run_checks_the_kube_version_floor(tmp_path):
         ({"affinity": {"nodeAffinity": {"requiredDuringScheduling": {}}}}, "requiredDuringScheduling"),
         ({"shutdown": {"graceSeconds": -1}}, "graceSeconds"),
         ({"ports": {"grpc": 70000}}, "grpc"),
+        ({"tls": {"enabeld": True}}, "enabeld"),
+        ({"tls": {"clientCA": {"existingSecret": "Not_A_Name"}}}, "existingSecret"),
+        ({"tls": {"clientCA": {"bundleKey": ""}}}, "bundleKey"),
+        ({"auth": {"enabled": "yes"}}, "enabled"),
+        ({"auth": {"tokens_file": "/x"}}, "tokens_file"),
+        ({"config": {"tls": {"cert_file": "/x.crt"}}}, "cert_file"),
+        ({"config": {"auth": {"enabled": False}}}, "enabled"),
+        ({"config": {"auth": {"reload_interval": 10}}}, "reload_interval"),
+        ({"networkPolicy": {"grpcNamespaces": ["Builds"]}}, "grpcNamespaces"),
+        ({"networkPolicy": {"monitoringNamespace": "Monitoring"}}, "monitoringNamespace"),
     ],
 )
 def test_schema_rejects_typos_and_bad_values(chart, values, where):

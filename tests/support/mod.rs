@@ -6,6 +6,7 @@
 //! different subset of it, hence the `dead_code` allowance.
 #![allow(dead_code)]
 
+pub mod pki;
 pub mod process;
 
 use std::{

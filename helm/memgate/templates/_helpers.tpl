@@ -72,10 +72,32 @@ app.kubernetes.io/component: test
 {{- define "memgate.configPath" -}}{{ include "memgate.configDir" . }}/memgate.toml{{- end -}}
 
 {{/*
+Where the Secrets are mounted, each as a whole directory (never subPath, which
+would freeze the files at pod start): the kubelet swaps the files in place when
+a Secret changes, and memgate re-reads them ([tls] and [auth] reload_interval).
+The file names are fixed; the Secret volumes' items map the configured keys to them.
+*/}}
+{{- define "memgate.tlsDir" -}}{{ include "memgate.configDir" . }}/tls{{- end -}}
+{{- define "memgate.clientCADir" -}}{{ include "memgate.configDir" . }}/client-ca{{- end -}}
+{{- define "memgate.authDir" -}}{{ include "memgate.configDir" . }}/auth{{- end -}}
+
+{{/*
+The port the kubelet's gRPC probes and the `helm test` Pod dial. With TLS on
+the gRPC port only speaks TLS, which the kubelet's native gRPC probe cannot, so
+they ask the same health services over plaintext h2c on the admin port.
+*/}}
+{{- define "memgate.healthPort" -}}
+{{- if .Values.tls.enabled -}}{{ .Values.ports.admin }}{{- else -}}{{ .Values.ports.grpc }}{{- end -}}
+{{- end -}}
+
+{{/*
 memgate.toml: values.config merged under the keys the chart owns (listen
 addresses from ports, data_dir and the S3 location from storage, shutdown
-timings in seconds). Values arrive as float64, so integer keys are converted
-back to integers; sizes and durations are strings, as memgate expects.
+timings in seconds, the mounted TLS and tokens files from tls and auth).
+[auth] enabled is always written, so the file says whether calls need
+credentials; [tls] only when TLS is on (or values.config tunes it). Values
+arrive as float64, so integer keys are converted back to integers; sizes and
+durations are strings, as memgate expects.
 */}}
 {{- define "memgate.configToml" -}}
 {{- $cfg := deepCopy (default (dict) .Values.config) -}}
@@ -104,6 +126,20 @@ back to integers; sizes and durations are strings, as memgate expects.
       "shutdown" (dict
         "drain_delay" (printf "%ds" (int .Values.shutdown.drainDelaySeconds))
         "grace" (printf "%ds" (int .Values.shutdown.graceSeconds))) -}}
+{{- if .Values.tls.enabled -}}
+{{- $tls := dict
+      "cert_file" (printf "%s/tls.crt" (include "memgate.tlsDir" .))
+      "key_file" (printf "%s/tls.key" (include "memgate.tlsDir" .)) -}}
+{{- if .Values.tls.clientCA.existingSecret -}}
+{{- $_ := set $tls "client_ca_file" (printf "%s/ca.crt" (include "memgate.clientCADir" .)) -}}
+{{- end -}}
+{{- $_ := set $owned "tls" $tls -}}
+{{- end -}}
+{{- if .Values.auth.enabled -}}
+{{- $_ := set $owned "auth" (dict "enabled" true "tokens_file" (printf "%s/tokens.toml" (include "memgate.authDir" .))) -}}
+{{- else -}}
+{{- $_ := set $owned "auth" (dict "enabled" false) -}}
+{{- end -}}
 {{- toToml (mergeOverwrite $cfg $owned) -}}
 {{- end -}}
 
@@ -144,6 +180,16 @@ that names the value to change.
 {{- end -}}
 {{- if and $v.podDisruptionBudget.enabled (kindIs "invalid" $v.podDisruptionBudget.minAvailable) (kindIs "invalid" $v.podDisruptionBudget.maxUnavailable) -}}
 {{- fail "podDisruptionBudget.enabled: set podDisruptionBudget.minAvailable or podDisruptionBudget.maxUnavailable" -}}
+{{- end -}}
+{{- if and $v.tls.enabled (not $v.tls.existingSecret) -}}
+{{- fail "tls.enabled: set tls.existingSecret to a kubernetes.io/tls Secret holding tls.crt and tls.key (e.g. the spec.secretName of a cert-manager Certificate); the chart never takes keys or certificates in values" -}}
+{{- end -}}
+{{- if and $v.tls.clientCA.existingSecret (not $v.tls.enabled) -}}
+{{- fail "tls.clientCA.existingSecret is set but tls.enabled is false: client certificates (mTLS) are only asked for over TLS, so set tls.enabled and tls.existingSecret too, or clear tls.clientCA.existingSecret" -}}
+{{- end -}}
+{{- /* Last, so that every other refusal names its own value first. */ -}}
+{{- if and $v.auth.enabled (not $v.auth.existingSecret) -}}
+{{- fail (printf "auth.enabled is true (the chart's default) but auth.existingSecret is empty: create a Secret holding the tokens file under the key %q (see the README, \"Deploy on Kubernetes\") and set auth.existingSecret to its name, or set auth.enabled=false to serve every caller without credentials" $v.auth.tokensKey) -}}
 {{- end -}}
 {{- end -}}
 
