@@ -190,7 +190,7 @@ async fn mutual_tls_refuses_untrusted_clients_and_authorises_listed_identities()
         .expect("mTLS handshake");
     let data = payload(2 * MIB + 5, 2);
     let mut client = with_token(channel.clone(), None);
-    let committed = upload_with(&mut client, &data)
+    let committed = upload(&mut client, &data)
         .await
         .expect("upload as the worker");
     assert_eq!(committed, data.len() as i64);
@@ -199,7 +199,7 @@ async fn mutual_tls_refuses_untrusted_clients_and_authorises_listed_identities()
     let channel = tls_channel(&m, &server_ca.pem, Some(&stranger))
         .await
         .expect("handshake");
-    let s = upload_with(&mut with_token(channel, None), &data)
+    let s = upload(&mut with_token(channel, None), &data)
         .await
         .expect_err("an unlisted identity");
     assert_eq!(s.code(), Code::Unauthenticated, "{s:?}");
@@ -309,7 +309,7 @@ async fn tokens_are_checked_before_anything_is_reserved_and_never_logged() {
             "a read-only token writing",
         ),
     ] {
-        let s = upload_with(&mut with_token(channel.clone(), token), &data)
+        let s = upload(&mut with_token(channel.clone(), token), &data)
             .await
             .expect_err(what);
         assert_eq!(s.code(), code, "{what}: {s:?}");
@@ -329,14 +329,16 @@ async fn tokens_are_checked_before_anything_is_reserved_and_never_logged() {
     assert_eq!(admitted().await, 0.0, "refused calls reserved memory");
 
     // The uploader writes; the reader reads; both by name in the log.
-    let committed = upload_with(&mut with_token(channel.clone(), Some(UPLOADER)), &data)
+    let committed = upload(&mut with_token(channel.clone(), Some(UPLOADER)), &data)
         .await
         .expect("upload with the uploader's token");
     assert_eq!(committed, data.len() as i64);
     let d = digest(&data);
-    let got = read_with(
+    let got = read(
         &mut with_token(channel.clone(), Some(READER)),
         &d.read_name(),
+        0,
+        0,
     )
     .await
     .expect("read with the reader's token");
@@ -403,51 +405,6 @@ async fn probes_answer_on_the_plaintext_admin_listener_with_tls_and_auth_on() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "SERVING");
-}
-
-/// Uploads `data` under a fresh name through an intercepted client.
-async fn upload_with<T>(
-    client: &mut ByteStreamClient<T>,
-    data: &Bytes,
-) -> Result<i64, tonic::Status>
-where
-    T: tonic::client::GrpcService<tonic::body::Body>,
-    T::Error: Into<tonic::codegen::StdError>,
-    T::ResponseBody: tonic::codegen::Body<Data = Bytes> + Send + 'static,
-    <T::ResponseBody as tonic::codegen::Body>::Error: Into<tonic::codegen::StdError> + Send,
-{
-    let name = write_name(&digest(data));
-    let reqs = write_requests(&name, data, 0, MIB, true);
-    Ok(client
-        .write(tokio_stream::iter(reqs))
-        .await?
-        .into_inner()
-        .committed_size)
-}
-
-async fn read_with<T>(
-    client: &mut ByteStreamClient<T>,
-    name: &str,
-) -> Result<Vec<u8>, tonic::Status>
-where
-    T: tonic::client::GrpcService<tonic::body::Body>,
-    T::Error: Into<tonic::codegen::StdError>,
-    T::ResponseBody: tonic::codegen::Body<Data = Bytes> + Send + 'static,
-    <T::ResponseBody as tonic::codegen::Body>::Error: Into<tonic::codegen::StdError> + Send,
-{
-    let mut stream = client
-        .read(memgate::proto::bytestream::ReadRequest {
-            resource_name: name.into(),
-            read_offset: 0,
-            read_limit: 0,
-        })
-        .await?
-        .into_inner();
-    let mut out = Vec::new();
-    while let Some(msg) = stream.message().await? {
-        out.extend_from_slice(&msg.data);
-    }
-    Ok(out)
 }
 
 /// The grpcio client's interpreter, installed by `scripts/interop-venv.sh`

@@ -258,19 +258,32 @@ pub fn write_stream(
 }
 
 /// Writes `data` under a fresh upload name in 1 MiB chunks; returns the committed size.
-pub async fn upload(client: &mut ByteStreamClient<Channel>, data: &Bytes) -> Result<i64, Status> {
+/// Any transport: a plain channel, or one with an interceptor (tokens).
+pub async fn upload<T>(client: &mut ByteStreamClient<T>, data: &Bytes) -> Result<i64, Status>
+where
+    T: tonic::client::GrpcService<tonic::body::Body>,
+    T::Error: Into<tonic::codegen::StdError>,
+    T::ResponseBody: tonic::codegen::Body<Data = Bytes> + Send + 'static,
+    <T::ResponseBody as tonic::codegen::Body>::Error: Into<tonic::codegen::StdError> + Send,
+{
     let name = write_name(&digest(data));
     let resp = client.write(write_stream(&name, data, 1 << 20)).await?;
     Ok(resp.into_inner().committed_size)
 }
 
-/// Reads `[offset, offset + limit)` of a blob into memory.
-pub async fn read(
-    client: &mut ByteStreamClient<Channel>,
+/// Reads `[offset, offset + limit)` of a blob into memory, over any transport.
+pub async fn read<T>(
+    client: &mut ByteStreamClient<T>,
     name: &str,
     offset: i64,
     limit: i64,
-) -> Result<Vec<u8>, Status> {
+) -> Result<Vec<u8>, Status>
+where
+    T: tonic::client::GrpcService<tonic::body::Body>,
+    T::Error: Into<tonic::codegen::StdError>,
+    T::ResponseBody: tonic::codegen::Body<Data = Bytes> + Send + 'static,
+    <T::ResponseBody as tonic::codegen::Body>::Error: Into<tonic::codegen::StdError> + Send,
+{
     let mut stream = client
         .read(ReadRequest {
             resource_name: name.to_string(),
