@@ -25,6 +25,11 @@ pub const DEFAULT_READ_CHUNK_SIZE: ByteSize = ByteSize::mib(1);
 pub const DEFAULT_PARTIAL_UPLOAD_EXPIRY: Duration = Duration::from_secs(24 * 3600);
 /// Expiry is coarse; scanning the upload directory more often buys nothing.
 pub const DEFAULT_GC_INTERVAL: Duration = Duration::from_secs(600);
+/// Room uploads leave on the data volume for what else needs it: the
+/// filesystem's own metadata, the directory entries of blobs being committed,
+/// and whatever shares the volume (logs, temporary files). Small enough not to
+/// waste a small volume.
+pub const DEFAULT_MIN_FREE_SPACE: ByteSize = ByteSize::mib(64);
 /// A port apart from gRPC keeps probes and metrics plaintext and off the gRPC
 /// admission path. Loopback by default, like gRPC; deployments set 0.0.0.0 so
 /// the kubelet and Prometheus can dial the pod IP.
@@ -287,6 +292,9 @@ pub struct StorageConfig {
     /// How often expired partial uploads are looked for.
     #[serde(with = "humantime_serde")]
     pub gc_interval: Duration,
+    /// Free space on the data volume that uploads must leave (the `local`
+    /// backend): a Write whose remaining bytes do not fit above it is refused.
+    pub min_free_space: ByteSize,
     /// `[storage.s3]`: the bucket, used when `backend = "s3"`.
     pub s3: S3Config,
 }
@@ -389,6 +397,7 @@ impl Default for StorageConfig {
             read_chunk_size: DEFAULT_READ_CHUNK_SIZE,
             partial_upload_expiry: DEFAULT_PARTIAL_UPLOAD_EXPIRY,
             gc_interval: DEFAULT_GC_INTERVAL,
+            min_free_space: DEFAULT_MIN_FREE_SPACE,
         }
     }
 }

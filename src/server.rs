@@ -161,6 +161,7 @@ impl Server {
         let (health, health_service) = Health::new().await;
         let store = store::open(&cfg.storage, Arc::new(metrics.clone()))?;
         metrics.set_backend(cfg.storage.backend);
+        metrics.watch_disk(store.disk());
         let tls = match cfg.tls.enabled() {
             true => Some(Tls::new(&cfg.tls)?),
             false => None,

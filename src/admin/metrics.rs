@@ -9,7 +9,10 @@
 
 mod scrape;
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
 
 use prometheus_client::{
     encoding::{EncodeLabelSet, text},
@@ -19,6 +22,7 @@ use prometheus_client::{
 use tonic::Code;
 
 use crate::guard::{Guard, layer::AdmissionObserver};
+use crate::store::DiskSpace;
 
 /// The `Content-Type` of [`Metrics::encode`]'s output. Prometheus needs it to
 /// read counters right: OpenMetrics names a counter family without `_total`.
@@ -98,6 +102,8 @@ struct Inner {
     backend: Family<BackendLabel, Gauge>,
     store_requests: Family<OpOutcome, Counter>,
     store_duration: Histograms<OpLabel>,
+    /// The local store's disk budget, read at each scrape.
+    disk: OnceLock<DiskSpace>,
 }
 
 impl Default for Metrics {
@@ -201,6 +207,7 @@ impl Metrics {
             store_duration.clone(),
         );
         let inner = Inner {
+            disk: OnceLock::new(),
             registry: r,
             backend,
             store_requests,
@@ -230,6 +237,14 @@ impl Metrics {
                 backend: backend.as_str(),
             })
             .set(1);
+    }
+
+    /// Shows `disk` (the local store's budget, if the store has one) at each
+    /// scrape. The first call wins.
+    pub fn watch_disk(&self, disk: Option<DiskSpace>) {
+        if let Some(disk) = disk {
+            let _ = self.inner.disk.set(disk);
+        }
     }
 
     /// A call began. `method` comes from [`method_label`].
@@ -269,13 +284,63 @@ impl Metrics {
     /// Serve it with [`CONTENT_TYPE`].
     pub fn encode(&self, guard: &Guard) -> String {
         let now = scrape::registry(guard);
+        let disk = self.inner.disk.get().map(disk_registry);
         let mut out = String::with_capacity(16 * 1024);
         text::encode_registry(&mut out, &self.inner.registry)
             .and_then(|()| text::encode_registry(&mut out, &now))
+            .and_then(|()| match &disk {
+                Some(d) => text::encode_registry(&mut out, d),
+                None => Ok(()),
+            })
             .and_then(|()| text::encode_eof(&mut out))
             .expect("writing to a String cannot fail");
         out
     }
+}
+
+/// The data volume as the local store's admission sees it now. A failed
+/// reading leaves the families out (and says so in the log) rather than
+/// showing a 0 that would look like a full disk.
+fn disk_registry(disk: &DiskSpace) -> Registry {
+    use prometheus_client::metrics::gauge::ConstGauge;
+    let mut r = Registry::with_prefix(PREFIX);
+    let reading = match disk.reading() {
+        Ok(reading) => reading,
+        Err(e) => {
+            tracing::warn!(error = %e, "reading the data volume's free space failed");
+            return r;
+        }
+    };
+    for (name, help, value) in [
+        (
+            "storage_free",
+            "Free space on the data volume (local backend), for unprivileged writers",
+            reading.free,
+        ),
+        (
+            "storage_capacity",
+            "Size of the data volume (local backend)",
+            reading.capacity,
+        ),
+        (
+            "storage_min_free",
+            "storage.min_free_space: free space uploads must leave on the data volume",
+            reading.floor,
+        ),
+        (
+            "storage_reserved",
+            "Disk space reserved by uploads in progress and not yet written",
+            reading.reserved,
+        ),
+        (
+            "storage_admittable",
+            "Largest upload (bytes still to write) the data volume admits now: free minus the floor and unpreallocated reservations",
+            reading.admittable(),
+        ),
+    ] {
+        r.register_with_unit(name, help, Unit::Bytes, ConstGauge::new(value));
+    }
+    r
 }
 
 impl AdmissionObserver for Metrics {

@@ -33,6 +33,9 @@ impl From<StoreError> for Status {
                 return status;
             }
             StoreError::Backend { .. } => Code::Internal,
+            // gRPC's code for "the entire file system is out of space". Both
+            // keep what is committed; the message says how much and what to do.
+            StoreError::NoSpace { .. } | StoreError::DiskFull { .. } => Code::ResourceExhausted,
             StoreError::Io { .. } => {
                 tracing::error!(error = %e, "storage failure");
                 Code::Internal
@@ -75,5 +78,40 @@ mod tests {
             detail: "InvalidRequest".into(),
         });
         assert_eq!(other.code(), Code::Internal);
+    }
+
+    #[test]
+    fn a_full_disk_is_resource_exhausted_and_other_disk_errors_internal() {
+        let full = Status::from(StoreError::write_failed("writing partial upload", 4096)(
+            std::io::Error::from_raw_os_error(libc::ENOSPC),
+        ));
+        assert_eq!(full.code(), Code::ResourceExhausted);
+        assert!(
+            full.message().contains("write_offset 4096"),
+            "{}",
+            full.message()
+        );
+        let quota = Status::from(StoreError::write_failed("writing partial upload", 0)(
+            std::io::Error::from_raw_os_error(libc::EDQUOT),
+        ));
+        assert_eq!(quota.code(), Code::ResourceExhausted);
+        let refused = Status::from(StoreError::NoSpace {
+            need: 150 << 20,
+            available: 13 << 20,
+            free: 77 << 20,
+            floor: 64 << 20,
+            reserved: 0,
+        });
+        assert_eq!(refused.code(), Code::ResourceExhausted);
+        assert!(refused.message().contains("150 MiB") && refused.message().contains("13 MiB"));
+        let eio = Status::from(StoreError::write_failed("writing partial upload", 8192)(
+            std::io::Error::from_raw_os_error(libc::EIO),
+        ));
+        assert_eq!(eio.code(), Code::Internal);
+        assert!(
+            eio.message().contains("first 8192 bytes"),
+            "{}",
+            eio.message()
+        );
     }
 }

@@ -14,6 +14,7 @@ use crate::guard::{
     sampler::Source,
 };
 use crate::server::{STREAM_WINDOW, method_table};
+use crate::store::DiskSpace;
 
 /// Everything `memgate limits` reports; `--json` prints it as is.
 #[derive(Debug, Serialize)]
@@ -25,6 +26,14 @@ pub struct LimitsReport {
     pub storage_location: String,
     /// What the guard reserves per ByteStream Write (for S3, part buffers included).
     pub write_reservation_bytes: u64,
+    /// The data volume (local backend): free space, size, the floor uploads
+    /// leave, and the largest upload admitted now. `None` with the s3 backend.
+    pub disk_free_bytes: Option<u64>,
+    pub disk_capacity_bytes: Option<u64>,
+    pub disk_min_free_bytes: Option<u64>,
+    pub disk_admittable_bytes: Option<u64>,
+    /// Why the data volume could not be read.
+    pub disk_error: Option<String>,
     pub cgroup_version: Option<&'static str>,
     pub cgroup_path: Option<String>,
     pub cgroup_dir: Option<String>,
@@ -85,6 +94,22 @@ pub fn report(cfg: &Config) -> LimitsReport {
             }
         ),
     };
+    let disk = match st.backend {
+        // Before the first start the directory may not exist yet: the server
+        // creates it on the filesystem of its nearest existing ancestor.
+        Backend::Local => Some({
+            let dir = st
+                .data_dir
+                .ancestors()
+                .find(|d| d.exists())
+                .unwrap_or(&st.data_dir);
+            DiskSpace::new(dir.to_path_buf(), st.min_free_space.as_u64())
+                .reading()
+                .map_err(|e| format!("{}: {e}", dir.display()))
+        }),
+        Backend::S3 => None,
+    };
+    let reading = disk.as_ref().and_then(|d| d.as_ref().ok());
     let write_reservation_bytes = match method_table(cfg)
         .classify("/google.bytestream.ByteStream/Write")
         .estimate
@@ -97,6 +122,11 @@ pub fn report(cfg: &Config) -> LimitsReport {
         storage_backend: st.backend.as_str(),
         storage_location,
         write_reservation_bytes,
+        disk_free_bytes: reading.map(|r| r.free),
+        disk_capacity_bytes: reading.map(|r| r.capacity),
+        disk_min_free_bytes: (st.backend == Backend::Local).then(|| st.min_free_space.as_u64()),
+        disk_admittable_bytes: reading.map(|r| r.admittable()),
+        disk_error: disk.and_then(|d| d.err()),
         cgroup_version: source.cgroup.as_ref().map(|h| match h.version {
             CgroupVersion::V1 => "v1",
             CgroupVersion::V2 => "v2",
@@ -151,6 +181,28 @@ pub fn render(r: &LimitsReport) -> String {
         "per Write",
         format!("{} reserved", size(r.write_reservation_bytes)),
     );
+    match (
+        r.disk_free_bytes,
+        r.disk_capacity_bytes,
+        r.disk_min_free_bytes,
+        r.disk_admittable_bytes,
+    ) {
+        (Some(free), Some(cap), Some(floor), Some(admit)) => line(
+            "disk",
+            format!(
+                "{} free of {}; uploads up to {} admitted (storage.min_free_space {})",
+                size(free),
+                size(cap),
+                size(admit),
+                size(floor)
+            ),
+        ),
+        _ => {
+            if let Some(e) = &r.disk_error {
+                line("disk", format!("unreadable: {e}"));
+            }
+        }
+    }
     match (&r.cgroup_version, &r.cgroup_path, &r.cgroup_dir) {
         (Some(v), Some(p), Some(d)) => line("cgroup", format!("{v} {p} ({d})")),
         _ => line("cgroup", "none found".into()),

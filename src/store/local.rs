@@ -1,6 +1,9 @@
 //! The local-disk backend: blobs at `{data_dir}/blobs/{hash[..2]}/{hash}`, partial
 //! uploads at `{data_dir}/uploads/{instance}+{uuid}+{hash}+{size}.part`.
 //! A blob exists only once its bytes were verified, fsynced and renamed into place.
+//! Uploads are admitted against the free disk space ([`space`]).
+
+mod space;
 
 use std::{
     fs::{File, OpenOptions},
@@ -13,6 +16,8 @@ use std::{
 use bytes::BytesMut;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+
+pub use space::{DiskSpace, Reservation, SpaceReading, is_disk_full, statvfs};
 
 use super::{
     BlobStore, ReadStream, Result, StoreError, cache,
@@ -33,6 +38,7 @@ struct Inner {
     uploads: PathBuf,
     max_blob_size: u64,
     active: ActiveUploads,
+    space: DiskSpace,
 }
 
 impl LocalStore {
@@ -50,6 +56,7 @@ impl LocalStore {
                 uploads,
                 max_blob_size: cfg.max_blob_size.as_u64(),
                 active: ActiveUploads::default(),
+                space: DiskSpace::new(cfg.data_dir.clone(), cfg.min_free_space.as_u64()),
             }),
         })
     }
@@ -160,13 +167,11 @@ impl BlobStore for LocalStore {
             .try_lock(&key)
             .ok_or_else(|| StoreError::Busy(name_of(name)))?;
         let partial = self.partial_path(&key);
-        let target = writer::Target {
-            expected: name.digest,
-            partial: partial.clone(),
-            blob: self.blob_path(&name.digest),
-            lock,
-        };
-        let (file, hasher, len) = tokio::task::spawn_blocking(move || -> Result<_> {
+        let declared = name.digest.size;
+        let space = self.inner.space.clone();
+        let open_partial = partial.clone();
+        let (file, hasher, len, reservation) = tokio::task::spawn_blocking(move || -> Result<_> {
+            let partial = open_partial;
             let open = |create| {
                 OpenOptions::new()
                     .create_new(create)
@@ -174,8 +179,8 @@ impl BlobStore for LocalStore {
                     .append(true)
                     .open(&partial)
             };
-            let mut file = match open(false) {
-                Ok(f) => f,
+            let (mut file, created) = match open(false) {
+                Ok(f) => (f, false),
                 // A new upload starts at 0; refusing it must leave nothing behind.
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound && offset != 0 => {
                     return Err(StoreError::WrongOffset {
@@ -183,9 +188,10 @@ impl BlobStore for LocalStore {
                         got: offset as i64,
                     });
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    open(true).map_err(StoreError::io("creating partial upload"))?
-                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => (
+                    open(true).map_err(StoreError::write_failed("creating partial upload", 0))?,
+                    true,
+                ),
                 Err(e) => return Err(StoreError::io("opening partial upload")(e)),
             };
             let len = file
@@ -198,12 +204,28 @@ impl BlobStore for LocalStore {
                     got: offset as i64,
                 });
             }
+            let reservation = match reserve_space(&space, &file, len, declared) {
+                Ok(r) => r,
+                Err(e) => {
+                    if created {
+                        let _ = std::fs::remove_file(&partial);
+                    }
+                    return Err(e);
+                }
+            };
             let hasher = writer::rehash(&mut file, len)
                 .map_err(StoreError::io("re-reading partial upload"))?;
-            Ok((file, hasher, len))
+            Ok((file, hasher, len, reservation))
         })
         .await
         .expect("upload open task panicked")?;
+        let target = writer::Target {
+            expected: name.digest,
+            partial,
+            blob: self.blob_path(&name.digest),
+            space: reservation,
+            lock,
+        };
         let (tx, rx) = mpsc::channel(CHANNEL_CHUNKS);
         let task = tokio::task::spawn_blocking(move || writer::run(file, hasher, len, target, rx));
         Ok(Upload::new(tx, task, len, name.digest.size))
@@ -228,6 +250,26 @@ impl BlobStore for LocalStore {
             .await
             .expect("gc task panicked")
     }
+
+    fn disk(&self) -> Option<DiskSpace> {
+        Some(self.inner.space.clone())
+    }
+}
+
+/// Takes the disk space an upload at `committed` of `declared` bytes still
+/// needs, before its first byte, or refuses it (RESOURCE_EXHAUSTED). Its own
+/// step, apart from the upload lock and the file handling around it.
+fn reserve_space(
+    space: &DiskSpace,
+    file: &File,
+    committed: u64,
+    declared: u64,
+) -> Result<Reservation> {
+    let reservation = space.reserve(file, committed, declared);
+    if let Err(e @ StoreError::NoSpace { .. }) = &reservation {
+        tracing::warn!(error = %e, "upload refused: disk space");
+    }
+    reservation
 }
 
 pub(super) fn name_of(name: &WriteName) -> String {

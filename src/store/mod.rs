@@ -25,7 +25,7 @@ use bytes::Bytes;
 use futures_util::Stream;
 use tokio::task::JoinHandle;
 
-pub use local::LocalStore;
+pub use local::{DiskSpace, LocalStore, SpaceReading, statvfs};
 pub use s3::{RequestObserver, S3Store};
 pub use upload::Upload;
 
@@ -77,6 +77,12 @@ pub trait BlobStore: Send + Sync + 'static {
     async fn check_reachable(&self) -> Result<()> {
         Ok(())
     }
+
+    /// The local disk budget uploads are admitted against (for metrics); object
+    /// stores have none.
+    fn disk(&self) -> Option<DiskSpace> {
+        None
+    }
 }
 
 /// A shared handle to whichever backend the configuration selected.
@@ -122,6 +128,34 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    /// Refused up front: what the upload still has to write does not fit the
+    /// free disk space above `storage.min_free_space`.
+    #[error(
+        "not enough disk space for this upload: it still needs {} but {} are free above the \
+         storage.min_free_space floor of {} ({} free on the volume{}); free space on the data \
+         volume, or lower storage.min_free_space, then retry",
+        mib(.need), mib(.available), mib(.floor), mib(.free), reserved_note(.reserved)
+    )]
+    NoSpace {
+        need: u64,
+        available: u64,
+        free: u64,
+        floor: u64,
+        /// Held by uploads in progress, not yet written.
+        reserved: u64,
+    },
+    /// The disk (or a quota) filled up while the upload was being written.
+    /// What reached the disk before stays committed and resumable.
+    #[error(
+        "disk full while {context}: {source}; the first {committed} bytes of the upload are \
+         committed and kept: free space on the data volume, then resume at write_offset {committed}"
+    )]
+    DiskFull {
+        context: String,
+        committed: u64,
+        #[source]
+        source: std::io::Error,
+    },
     /// The object store could not be reached or failed; retrying later may work.
     #[error("object store unavailable while {context}: {detail}")]
     Unavailable { context: String, detail: String },
@@ -144,9 +178,52 @@ impl StoreError {
         let context = context.into();
         move |source| StoreError::Io { context, source }
     }
+
+    /// An upload's write failed with `committed` bytes on disk: a full disk (or
+    /// quota) is [`StoreError::DiskFull`], anything else an I/O error whose
+    /// message still says what was kept.
+    pub(crate) fn write_failed(
+        context: impl Into<String>,
+        committed: u64,
+    ) -> impl FnOnce(std::io::Error) -> Self {
+        let context = context.into();
+        move |source| {
+            if local::is_disk_full(&source) {
+                StoreError::DiskFull {
+                    context,
+                    committed,
+                    source,
+                }
+            } else {
+                StoreError::Io {
+                    context: format!(
+                        "{context} (the first {committed} bytes of the upload are committed and kept)"
+                    ),
+                    source,
+                }
+            }
+        }
+    }
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// A byte count for people: whole MiB when exact, else one decimal.
+fn mib(bytes: &u64) -> String {
+    const MIB: u64 = 1 << 20;
+    if bytes.is_multiple_of(MIB) {
+        format!("{} MiB", bytes / MIB)
+    } else {
+        format!("{:.1} MiB", *bytes as f64 / MIB as f64)
+    }
+}
+
+fn reserved_note(reserved: &u64) -> String {
+    match reserved {
+        0 => String::new(),
+        r => format!("; uploads in progress have {} reserved", mib(r)),
+    }
+}
 
 /// Runs [`BlobStore::collect_garbage`] every `interval` until the store is dropped.
 pub fn spawn_gc(store: &Store, interval: Duration, expiry: Duration) -> JoinHandle<()> {

@@ -4,6 +4,11 @@
 //! ([`super::Upload`]) feeds it through a channel of a few chunks, which is what
 //! bounds an upload's memory. Because the lock lives here, a new stream for the
 //! same upload cannot start until this one has fsynced what it received.
+//!
+//! When the disk fails (full, a quota, an I/O error), the thread stops, makes
+//! what reached the file durable and reports how much that is: those bytes stay
+//! the upload's committed state, resumable like after a disconnect. The upload's
+//! disk reservation goes back when the thread ends, however it ends.
 
 use std::{
     fs::File,
@@ -17,15 +22,19 @@ use tokio::sync::mpsc;
 
 use super::{
     StoreError, cache,
+    local::Reservation,
     upload::{Cmd, UploadLock},
 };
 use crate::api::resource::Digest;
 
-/// Everything the thread needs to commit.
+/// Everything the thread needs to commit. Fields drop in order: the disk
+/// reservation goes back before the lock, so a new stream for the same upload
+/// never preallocates before this one has released.
 pub(super) struct Target {
     pub expected: Digest,
     pub partial: PathBuf,
     pub blob: PathBuf,
+    pub space: Reservation,
     pub lock: UploadLock,
 }
 
@@ -62,7 +71,7 @@ pub(super) fn run(
     file: File,
     hasher: Sha256,
     written: u64,
-    target: Target,
+    mut target: Target,
     rx: mpsc::Receiver<Cmd>,
 ) -> Result<u64, StoreError> {
     let (to_hasher, chunks) = std::sync::mpsc::sync_channel::<Bytes>(HASH_QUEUE);
@@ -74,7 +83,7 @@ pub(super) fn run(
             }
             hasher
         });
-        write_loop(file, written, &target, rx, to_hasher, move || {
+        write_loop(file, written, &mut target, rx, to_hasher, move || {
             hashing
                 .join()
                 .expect("hashing thread panicked")
@@ -87,11 +96,12 @@ pub(super) fn run(
 fn write_loop(
     mut file: File,
     mut written: u64,
-    target: &Target,
+    target: &mut Target,
     mut rx: mpsc::Receiver<Cmd>,
     to_hasher: std::sync::mpsc::SyncSender<Bytes>,
     finish_hash: impl FnOnce() -> [u8; 32],
 ) -> Result<u64, StoreError> {
+    // Held, not used: the lock lives as long as this thread owns the file.
     let _lock = &target.lock;
     let mut synced_to = written - written % cache::WINDOW;
     while let Some(cmd) = rx.blocking_recv() {
@@ -99,9 +109,11 @@ fn write_loop(
             Cmd::Data(data) => {
                 // The hashing thread only stops when this sender goes.
                 let _ = to_hasher.send(data.clone());
-                file.write_all(&data)
-                    .map_err(StoreError::io("writing partial upload"))?;
+                if let Err(e) = file.write_all(&data) {
+                    return Err(keep_committed(&file, written, "writing partial upload", e));
+                }
                 written += data.len() as u64;
+                target.space.wrote(data.len() as u64);
                 // Write-behind: start writeback of each full window, settle the one before.
                 while written - synced_to >= cache::WINDOW {
                     cache::start_writeback(&file, synced_to, cache::WINDOW);
@@ -120,9 +132,29 @@ fn write_loop(
         }
     }
     file.sync_all()
-        .map_err(StoreError::io("syncing partial upload"))?;
+        .map_err(StoreError::write_failed("syncing partial upload", written))?;
     cache::drop_cache(&file, 0, 0);
     Ok(written)
+}
+
+/// A write failed with `written` bytes acknowledged before it: makes what is
+/// in the file durable and returns the error, saying how much is kept. What a
+/// failed `write(2)` stored is a prefix of the chunk, so the file is still a
+/// prefix of the upload and its length stays the committed size (and
+/// `QueryWriteStatus` never goes backwards). If even the sync fails, only the
+/// bytes acknowledged before this chunk are claimed: anything after them is cut.
+fn keep_committed(file: &File, written: u64, context: &str, e: std::io::Error) -> StoreError {
+    let committed = match file.sync_all() {
+        Ok(()) => file.metadata().map_or(written, |m| m.len()),
+        Err(sync) => {
+            tracing::error!(error = %sync, "syncing a failed upload failed too");
+            let _ = file.set_len(written);
+            written
+        }
+    };
+    cache::drop_cache(file, 0, 0);
+    tracing::warn!(error = %e, committed, "upload stopped by a disk error; its committed bytes are kept");
+    StoreError::write_failed(context, committed)(e)
 }
 
 fn commit(file: &File, target: &Target, hash: [u8; 32], size: u64) -> Result<u64, StoreError> {
@@ -136,19 +168,20 @@ fn commit(file: &File, target: &Target, hash: [u8; 32], size: u64) -> Result<u64
             actual_size: size,
         });
     }
-    file.sync_all().map_err(StoreError::io("syncing upload"))?;
+    // From here the partial holds the whole verified blob: a disk error keeps it,
+    // and a Write at write_offset = size with finish_write commits it later.
+    let kept = |context: String| StoreError::write_failed(context, size);
+    file.sync_all().map_err(kept("syncing upload".into()))?;
     cache::drop_cache(file, 0, 0);
     let dir = target
         .blob
         .parent()
         .expect("blob paths have a shard directory");
-    std::fs::create_dir_all(dir).map_err(StoreError::io(format!("creating {}", dir.display())))?;
+    std::fs::create_dir_all(dir).map_err(kept(format!("creating {}", dir.display())))?;
     // rename is atomic: readers see no blob or the whole blob. A concurrent commit of
     // the same content replaces identical bytes.
-    std::fs::rename(&target.partial, &target.blob).map_err(StoreError::io(format!(
-        "committing {}",
-        target.blob.display()
-    )))?;
+    std::fs::rename(&target.partial, &target.blob)
+        .map_err(kept(format!("committing {}", target.blob.display())))?;
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(StoreError::io(format!("syncing {}", dir.display())))?;

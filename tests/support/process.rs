@@ -35,9 +35,30 @@ impl Memgate {
 
     /// Like [`Memgate::start_in`], with extra environment variables (credentials).
     pub fn start_with(dir: tempfile::TempDir, config: &str, env: &[(&str, &str)]) -> Self {
+        Self::start_launched(dir, config, env, &[])
+    }
+
+    /// Like [`Memgate::start_with`], started through `launcher`: a program and
+    /// its arguments, to which the memgate command line is appended and which
+    /// must end by exec'ing it (so the pid stays memgate's), e.g.
+    /// `["bash", "-c", "trap '' XFSZ; exec \"$@\"", "launcher"]`.
+    pub fn start_launched(
+        dir: tempfile::TempDir,
+        config: &str,
+        env: &[(&str, &str)],
+        launcher: &[&str],
+    ) -> Self {
         let cfg = dir.path().join("memgate.toml");
         std::fs::write(&cfg, config).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_memgate"))
+        let mut command = match launcher.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(env!("CARGO_BIN_EXE_memgate"));
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_memgate")),
+        };
+        let mut child = command
             .args([
                 "serve",
                 "--grpc-addr",
@@ -91,6 +112,11 @@ impl Memgate {
         let _ = self.child.kill();
         let _ = self.child.wait();
         self.dir.take().unwrap()
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn signal(&self, sig: i32) {
