@@ -471,17 +471,24 @@ async fn malformed_names_are_invalid_argument(kind: Kind) {
     server.stop().await;
 }
 
-async fn negative_offsets_and_limits_are_invalid_argument(kind: Kind) {
+async fn negative_offsets_and_limits_are_refused(kind: Kind) {
     let storage = Storage::new(kind);
     let server = TestServer::start(|c| storage.configure(c)).await;
     let mut client = server.bytestream();
     let stored = Stored::put(&mut client, 20).await;
     let name = stored.digest.read_name();
 
-    for (offset, limit) in [(-1, 0), (0, -1), (i64::MIN, 10), (-5, -5)] {
+    // The spec: a negative read_offset is OUT_OF_RANGE, a negative read_limit
+    // "an error" (INVALID_ARGUMENT); the offset is checked first.
+    for (offset, limit, code) in [
+        (-1, 0, Code::OutOfRange),
+        (0, -1, Code::InvalidArgument),
+        (i64::MIN, 10, Code::OutOfRange),
+        (-5, -5, Code::OutOfRange),
+    ] {
         let s = expect_code(
             read(&mut client, &name, offset, limit).await,
-            Code::InvalidArgument,
+            code,
             &format!("Read({offset}, {limit})"),
         );
         assert!(
@@ -1196,7 +1203,7 @@ on_both_backends!(
     half_closed_write_reports_what_was_committed_and_resumes,
     upload_resumes_after_a_server_restart,
     malformed_names_are_invalid_argument,
-    negative_offsets_and_limits_are_invalid_argument,
+    negative_offsets_and_limits_are_refused,
     wrong_digest_on_finish_stores_nothing,
     fewer_bytes_than_declared_at_finish_is_invalid_argument,
     more_bytes_than_declared_is_invalid_argument,

@@ -38,6 +38,33 @@ fn non_negative(value: i64, field: &str) -> Result<u64, Status> {
         .map_err(|_| Status::invalid_argument(format!("{field} must not be negative, got {value}")))
 }
 
+/// The spec: "A `read_offset` that is negative or greater than the size of the
+/// resource will cause an `OUT_OF_RANGE` error" (past the end is the store's check).
+fn read_offset(value: i64) -> Result<u64, Status> {
+    u64::try_from(value)
+        .map_err(|_| Status::out_of_range(format!("read_offset must not be negative, got {value}")))
+}
+
+/// How long a Write waits, after committing on `finish_write`, for the client
+/// to half-close. Clients half-close right after their last message (Bazel,
+/// grpc-go's CloseAndRecv, tonic), so the end is normally there already; one
+/// that waits for the response before closing gets it after this.
+pub const AFTER_FINISH_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// The spec: "Sending any `WriteRequest`s subsequent to one in which
+/// `finish_write` is `true` will cause an error." Called once the blob is
+/// committed, which such a message does not undo.
+async fn nothing_after_finish(stream: &mut Streaming<WriteRequest>) -> Result<(), Status> {
+    match tokio::time::timeout(AFTER_FINISH_WAIT, stream.message()).await {
+        Ok(Ok(Some(_))) => Err(Status::invalid_argument(
+            "a WriteRequest followed the one with finish_write = true; the blob was \
+             committed and stays, but nothing may be sent after finish_write",
+        )),
+        // Half-closed, gone, or still open after the wait: the commit stands.
+        Ok(Ok(None)) | Ok(Err(_)) | Err(_) => Ok(()),
+    }
+}
+
 #[tonic::async_trait]
 impl ByteStream for ByteStreamService {
     type ReadStream = ReadStream;
@@ -45,8 +72,15 @@ impl ByteStream for ByteStreamService {
     async fn read(&self, request: Request<ReadRequest>) -> Result<Response<ReadStream>, Status> {
         let req = request.into_inner();
         let name = parse_read_name(&req.resource_name)?;
-        let offset = non_negative(req.read_offset, "read_offset")?;
+        let offset = read_offset(req.read_offset)?;
         let limit = non_negative(req.read_limit, "read_limit")?;
+        if name.digest.is_empty_blob() {
+            // REAPI: "Servers MUST behave as though empty blobs are always available."
+            if offset > 0 {
+                return Err(StoreError::OutOfRange { offset, size: 0 }.into());
+            }
+            return Ok(Response::new(Box::pin(tokio_stream::empty())));
+        }
         let chunks = self
             .store
             .read(&name.digest, offset, limit, self.read_chunk)
@@ -74,7 +108,7 @@ impl ByteStream for ByteStreamService {
         self.store.check_size(name.digest.size)?;
         let offset = non_negative(msg.write_offset, "write_offset")?;
         let size = name.digest.size as i64;
-        if self.store.contains(&name.digest).await? {
+        if name.digest.is_empty_blob() || self.store.contains(&name.digest).await? {
             // Already stored: succeed at once without reading (or storing) it again.
             return Ok(Response::new(WriteResponse {
                 committed_size: size,
@@ -98,6 +132,7 @@ impl ByteStream for ByteStreamService {
             upload.write(msg.data).await?;
             if msg.finish_write {
                 let committed = upload.finish().await?;
+                nothing_after_finish(&mut stream).await?;
                 return Ok(Response::new(WriteResponse {
                     committed_size: committed as i64,
                 }));
@@ -125,7 +160,10 @@ impl ByteStream for ByteStreamService {
         request: Request<QueryWriteStatusRequest>,
     ) -> Result<Response<QueryWriteStatusResponse>, Status> {
         let name = parse_write_name(&request.get_ref().resource_name)?;
-        let (committed, complete) = self.store.query_write_status(&name).await?;
+        let (committed, complete) = match name.digest.is_empty_blob() {
+            true => (0, true),
+            false => self.store.query_write_status(&name).await?,
+        };
         Ok(Response::new(QueryWriteStatusResponse {
             committed_size: committed as i64,
             complete,

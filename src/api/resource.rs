@@ -1,6 +1,8 @@
 //! Resource names, as the Remote Execution API spells them:
-//! writes `[{instance}/]uploads/{uuid}/blobs/{sha256}/{size}`, reads
-//! `[{instance}/]blobs/{sha256}/{size}`. Pure parsing; no I/O.
+//! writes `[{instance}/]uploads/{uuid}/blobs/{sha256}/{size}[/{metadata}]`, reads
+//! `[{instance}/]blobs/{sha256}/{size}`. The instance is one segment (the API
+//! leaves its syntax to the server); trailing `optional_metadata` segments of a
+//! write name are ignored, as the API allows. Pure parsing; no I/O.
 
 use std::fmt;
 
@@ -15,6 +17,22 @@ impl Digest {
     /// Lowercase hex of the hash.
     pub fn hex(&self) -> String {
         hex::encode(self.hash)
+    }
+
+    /// The SHA-256 of no bytes.
+    pub const EMPTY: Digest = Digest {
+        hash: [
+            0xe3, 0xb0, 0xc4, 0x42, 0x98, 0xfc, 0x1c, 0x14, 0x9a, 0xfb, 0xf4, 0xc8, 0x99, 0x6f,
+            0xb9, 0x24, 0x27, 0xae, 0x41, 0xe4, 0x64, 0x9b, 0x93, 0x4c, 0xa4, 0x95, 0x99, 0x1b,
+            0x78, 0x52, 0xb8, 0x55,
+        ],
+        size: 0,
+    };
+
+    /// The empty blob, which the Remote Execution API says every server has
+    /// ("Servers MUST behave as though empty blobs are always available").
+    pub fn is_empty_blob(&self) -> bool {
+        *self == Self::EMPTY
     }
 
     /// The read name of this blob: `blobs/{sha256}/{size}`.
@@ -64,13 +82,36 @@ pub enum NameError {
     Uuid(String),
     #[error("instance name {0:?} must be 1 to 128 characters of [A-Za-z0-9_.-]")]
     Instance(String),
+    #[error(
+        "digest function {0:?} is not supported: memgate stores SHA-256 blobs, whose names \
+         carry no digest function segment"
+    )]
+    DigestFunction(String),
+    #[error(
+        "compressed-blobs names are not supported (memgate offers no compressors): use \
+         `[{{instance}}/]uploads/{{uuid}}/blobs/{{sha256}}/{{size}}` and gRPC compression instead"
+    )]
+    Compressed,
 }
+
+/// The digest functions of the API's `DigestFunction` enum, as names spell them.
+const DIGEST_FUNCTIONS: [&str; 9] = [
+    "sha256",
+    "sha1",
+    "md5",
+    "vso",
+    "sha384",
+    "sha512",
+    "murmur3",
+    "sha256tree",
+    "blake3",
+];
 
 /// Names longer than this are refused before any parsing.
 pub const MAX_NAME_LEN: usize = 1024;
 
 const READ_SHAPE: &str = "[{instance}/]blobs/{sha256}/{size}";
-const WRITE_SHAPE: &str = "[{instance}/]uploads/{uuid}/blobs/{sha256}/{size}";
+const WRITE_SHAPE: &str = "[{instance}/]uploads/{uuid}/blobs/{sha256}/{size}[/{metadata}]";
 
 /// Parses `[{instance}/]blobs/{sha256}/{size}`.
 pub fn parse_read_name(name: &str) -> Result<ReadName, NameError> {
@@ -78,6 +119,12 @@ pub fn parse_read_name(name: &str) -> Result<ReadName, NameError> {
     let (instance, rest) = match parts.as_slice() {
         ["blobs", _, _] => (None, &parts[1..]),
         [inst, "blobs", _, _] => (Some(instance(inst)?), &parts[2..]),
+        ["compressed-blobs", ..] | [_, "compressed-blobs", ..] => {
+            return Err(NameError::Compressed);
+        }
+        ["blobs", f, _, _] | [_, "blobs", f, _, _] if DIGEST_FUNCTIONS.contains(f) => {
+            return Err(NameError::DigestFunction(f.to_string()));
+        }
         _ => return Err(shape(name, READ_SHAPE)),
     };
     Ok(ReadName {
@@ -89,9 +136,18 @@ pub fn parse_read_name(name: &str) -> Result<ReadName, NameError> {
 /// Parses `[{instance}/]uploads/{uuid}/blobs/{sha256}/{size}`.
 pub fn parse_write_name(name: &str) -> Result<WriteName, NameError> {
     let parts = split(name)?;
+    // Anything after the size is the API's `optional_metadata`, which servers may ignore.
     let (instance, rest) = match parts.as_slice() {
-        ["uploads", _, "blobs", _, _] => (None, &parts[1..]),
-        [inst, "uploads", _, "blobs", _, _] => (Some(instance(inst)?), &parts[2..]),
+        ["uploads", _, "blobs", h, _, ..] | [_, "uploads", _, "blobs", h, _, ..]
+            if DIGEST_FUNCTIONS.contains(h) =>
+        {
+            return Err(NameError::DigestFunction(h.to_string()));
+        }
+        ["uploads", _, "blobs", _, _, ..] => (None, &parts[1..]),
+        [inst, "uploads", _, "blobs", _, _, ..] => (Some(instance(inst)?), &parts[2..]),
+        ["uploads", _, "compressed-blobs", ..] | [_, "uploads", _, "compressed-blobs", ..] => {
+            return Err(NameError::Compressed);
+        }
         _ => return Err(shape(name, WRITE_SHAPE)),
     };
     let uuid = rest[0];
@@ -242,5 +298,40 @@ mod tests {
             parse_write_name(&format!("uploads/u/blobs/{H}/x")),
             Err(NameError::Size(_))
         ));
+    }
+
+    #[test]
+    fn write_names_may_carry_metadata_and_name_what_is_unsupported() {
+        // REAPI: `.../blobs/{hash}/{size}{/optional_metadata}`; servers may ignore it.
+        for name in [
+            format!("uploads/u1/blobs/{H}/7/meta"),
+            format!("inst/uploads/u1/blobs/{H}/7/a/b/c"),
+        ] {
+            let w = parse_write_name(&name).unwrap();
+            assert_eq!((w.uuid.as_str(), w.digest.size), ("u1", 7), "{name}");
+        }
+        assert!(matches!(
+            parse_write_name(&format!("uploads/u/blobs/blake3/{H}/7")),
+            Err(NameError::DigestFunction(f)) if f == "blake3"
+        ));
+        assert!(matches!(
+            parse_read_name(&format!("main/blobs/sha256tree/{H}/7")),
+            Err(NameError::DigestFunction(f)) if f == "sha256tree"
+        ));
+        assert!(matches!(
+            parse_write_name(&format!("uploads/u/compressed-blobs/zstd/{H}/7")),
+            Err(NameError::Compressed)
+        ));
+        assert!(matches!(
+            parse_read_name(&format!("compressed-blobs/zstd/{H}/7")),
+            Err(NameError::Compressed)
+        ));
+        // Reads have no metadata.
+        assert!(matches!(
+            parse_read_name(&format!("blobs/{H}/7/meta")),
+            Err(NameError::Shape { .. })
+        ));
+        assert!(Digest::EMPTY.is_empty_blob());
+        assert_eq!(Digest::EMPTY.hex(), H);
     }
 }
