@@ -25,10 +25,11 @@ K8S = ROOT / "k8s"
 # name gives resources the plain name "memgate", as in k8s/.
 RELEASE = "memgate"
 NAMESPACE = "memgate-system"
-# The one value an install must give: auth is on by default and the chart
-# refuses to render without the Secret holding the tokens file (k8s/ names the
-# same Secret). "default" below means the chart's defaults plus this.
-REQUIRED = {"auth": {"existingSecret": "memgate-tokens"}}
+# What an install must give: nothing. Auth is on by default, and without
+# auth.existingSecret the chart generates the token and the tokens-file Secret
+# (named memgate-tokens for this release, the Secret k8s/ mounts). "default"
+# below means the chart's defaults alone.
+REQUIRED: dict = {}
 
 
 def ci_value_files() -> list[pathlib.Path]:
@@ -114,7 +115,7 @@ class Render:
 
     def manifests(self) -> dict[str, str]:
         """Rendered files that hold Kubernetes objects (not NOTES.txt, not empty)."""
-        return {p: t for p, t in self.files.items() if p.endswith(".yaml") and yaml.safe_load(t)}
+        return {p: t for p, t in self.files.items() if p.endswith(".yaml") and any(yaml.safe_load_all(t))}
 
 
 @pytest.fixture(scope="session")

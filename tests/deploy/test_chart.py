@@ -62,7 +62,8 @@ def test_every_ci_set_renders_what_it_enables(renders):
 
 
 def test_default_render_has_the_base_objects(renders):
-    assert renders["default"].kinds() == ["ConfigMap", "Deployment", "Pod", "Service", "ServiceAccount"]
+    # The two Secrets hold the generated token and its tokens file.
+    assert renders["default"].kinds() == ["ConfigMap", "Deployment", "Pod", "Secret", "Secret", "Service", "ServiceAccount"]
 
 
 def test_notes_say_how_to_reach_and_check_it(renders):

@@ -7,7 +7,9 @@ period (which is why the chart has no preStop hook)."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import json
 import pathlib
 import re
 import secrets
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 import pytest
 import yaml
 
-from conftest import CHART, RELEASE, Render, deploy_section, merged
+from conftest import CHART, RELEASE, ROOT, Render, deploy_section, merged
 
 # Short shutdown timings keep the test quick; the chart writes them into the
 # config exactly as it writes the defaults.
@@ -117,8 +119,14 @@ def start(render, memgate_bin, tmp_path):
     def _start(values: dict) -> Server:
         r = render(merged(SHUTDOWN, values))
         v = merged(VALUES, r.values)  # with the chart's defaults, as Helm sees them
-        secret_data = {}
-        if v["auth"]["enabled"]:
+        # The Secrets the chart renders (the generated token and tokens file),
+        # and the ones the values name, with the README's tokens file.
+        secret_data = {
+            o["metadata"]["name"]: {k: base64.b64decode(b) for k, b in o.get("data", {}).items()}
+            for o in r.objects
+            if o["kind"] == "Secret"
+        }
+        if v["auth"]["enabled"] and v["auth"]["existingSecret"]:
             secret_data[v["auth"]["existingSecret"]] = {v["auth"]["tokensKey"]: readme_tokens_file().encode()}
         pki = tmp_path / "pki"
         if v["tls"]["enabled"]:
@@ -251,3 +259,34 @@ def test_rendered_auth_decides_whether_a_call_needs_a_token(start, memgate_bin, 
     else:
         assert result.returncode == 0, result.stderr
         assert result.stdout.strip().startswith("blobs/")
+
+
+def interop_python() -> str:
+    """grpcio's python (target/interop-venv), installed if missing."""
+    out = subprocess.run(
+        ["bash", "scripts/interop-venv.sh"], cwd=ROOT, capture_output=True, text=True, timeout=900, check=True
+    )
+    return out.stdout.strip().splitlines()[-1]
+
+
+def test_the_generated_token_authenticates_a_real_client(start):
+    # The defaults alone: the token the chart drew for clients (its client
+    # Secret) is accepted by the server that mounts the chart's tokens file,
+    # and nothing else is.
+    server = start({})
+    secret = server.r.one("Secret", component="client-token")
+    token = base64.b64decode(secret["data"]["token"]).decode()
+    result = subprocess.run(
+        [interop_python(), str(ROOT / "tests" / "deploy" / "token_client.py"), "--target", f"127.0.0.1:{server.grpc}", "--token", token],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    assert seen == {
+        "with_token": len(b"memgate chart-generated token\n"),
+        "read_back_equal": True,
+        "without": "UNAUTHENTICATED",
+        "wrong": "UNAUTHENTICATED",
+    }, seen

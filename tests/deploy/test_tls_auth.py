@@ -1,11 +1,15 @@
-"""TLS and token auth in the chart: auth is on unless turned off (and refused
-without its Secret), TLS is opt-in; every file the rendered config names comes
-from a Secret mounted as a whole directory (never subPath, so in-place renewal
-reaches the pod); with TLS on the probes and `helm test` use the admin port."""
+"""TLS and token auth in the chart: auth is on unless turned off (with a
+generated token when no Secret is given), TLS is opt-in; every file the
+rendered config names comes from a Secret mounted as a whole directory (never
+subPath, so in-place renewal reaches the pod); with TLS on the probes and
+`helm test` use the admin port."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import posixpath
+import tomllib
 
 import helm_python
 import pytest
@@ -56,20 +60,52 @@ def test_every_file_the_config_names_is_a_mounted_secret_key(renders, name):
     assert sorted(named) == sorted(files), f"{name}: the config and the Secret mounts disagree"
 
 
-def test_defaults_alone_are_refused_with_the_way_out(chart):
-    # Auth is on by default; without the tokens Secret the chart refuses to
-    # render (`helm install` and `helm template`) and says both ways forward.
-    # (`helm lint` runs templates in lint mode, where `fail` only logs, so the
-    # chart still lints without values.)
-    message = render_error(chart, {})
-    assert "auth.enabled is true (the chart's default) but auth.existingSecret is empty" in message
-    assert 'under the key "tokens.toml"' in message
-    assert "set auth.enabled=false" in message
+def generated(r) -> tuple[str, dict]:
+    """The generated client token and the parsed tokens file it must match."""
+    client = r.one("Secret", component="client-token")
+    tokens = r.one("Secret", component="tokens-file")
+    token = base64.b64decode(client["data"]["token"]).decode()
+    (key,) = tokens["data"]
+    return token, tomllib.loads(base64.b64decode(tokens["data"][key]).decode())
+
+
+def test_defaults_alone_render_with_a_generated_token(render):
+    # `helm install` / `helm template` with no values at all: auth stays on,
+    # with a token the chart draws and a tokens file holding only its hash.
+    r = render({}, base={})
+    client = r.one("Secret", component="client-token")
+    assert client["metadata"]["name"] == "memgate-client-token"
+    assert r.one("Secret", component="tokens-file")["metadata"]["name"] == "memgate-tokens"
+    token, table = generated(r)
+    assert len(token) == 48 and token.isalnum()
+    (entry,) = table["tokens"]
+    assert entry["sha256"] == hashlib.sha256(token.encode()).hexdigest()
+    assert sorted(entry["permissions"]) == ["process", "read", "write"]
+    # The token itself never reaches the pod: only the tokens file is mounted.
+    assert secret_files(r) == {"/etc/memgate/auth/tokens.toml": ("memgate-tokens", "tokens.toml")}
+    notes = r.files["memgate/templates/NOTES.txt"]
+    assert "get secret memgate-client-token -o jsonpath='{.data.token}' | base64 -d" in notes
+    # Without a cluster to look the Secret up in, every render draws afresh,
+    # and each render agrees with itself.
+    again, table = generated(render({}, base={}))
+    assert again != token
+    assert table["tokens"][0]["sha256"] == hashlib.sha256(again.encode()).hexdigest()
+
+
+def test_an_existing_secret_replaces_the_generated_token(render):
+    r = render({"auth": {"existingSecret": "my-tokens", "tokensKey": "t.toml"}}, base={})
+    assert [o for o in r.objects if o["kind"] == "Secret"] == []
+    assert secret_files(r) == {"/etc/memgate/auth/tokens.toml": ("my-tokens", "t.toml")}
+    assert "client-token" not in r.files["memgate/templates/NOTES.txt"]
+    # The generated tokens file follows tokensKey too.
+    r = render({"auth": {"tokensKey": "t.toml"}}, base={})
+    assert secret_files(r) == {"/etc/memgate/auth/tokens.toml": ("memgate-tokens", "t.toml")}
+    assert list(r.one("Secret", component="tokens-file")["data"]) == ["t.toml"]
 
 
 def test_auth_is_on_by_default(renders):
     r = renders["default"]
-    assert r.values == REQUIRED
+    assert r.values == REQUIRED == {}
     assert r.config()["auth"] == {"enabled": True, "tokens_file": "/etc/memgate/auth/tokens.toml"}
     assert secret_files(r) == {"/etc/memgate/auth/tokens.toml": ("memgate-tokens", "tokens.toml")}
     (mount,) = [m for m in r.container()["volumeMounts"] if m["name"] == "auth"]
@@ -85,6 +121,18 @@ def test_auth_off_is_explicit_and_mounts_nothing(render):
     assert "[auth]\n  enabled = false\n" in r.config_text()
     assert secret_files(r) == {}
     assert "OFF: every caller" in r.files["memgate/templates/NOTES.txt"]
+
+
+def test_mutual_tls_with_a_generated_token(render):
+    r = render(MTLS, base={})
+    assert secret_files(r) == {
+        "/etc/memgate/tls/tls.crt": ("memgate-tls", "tls.crt"),
+        "/etc/memgate/tls/tls.key": ("memgate-tls", "tls.key"),
+        "/etc/memgate/client-ca/ca.crt": ("memgate-client-ca", "ca.crt"),
+        "/etc/memgate/auth/tokens.toml": ("memgate-tokens", "tokens.toml"),
+    }
+    token, table = generated(r)
+    assert table["tokens"][0]["sha256"] == hashlib.sha256(token.encode()).hexdigest()
 
 
 def test_tls_is_off_by_default(renders):
@@ -141,8 +189,6 @@ def test_mutual_tls_and_auth_render_three_directory_mounts(renders):
     [
         ({**REQUIRED, "tls": {"enabled": True}}, "tls.enabled: set tls.existingSecret to a kubernetes.io/tls Secret"),
         ({**REQUIRED, "tls": {"clientCA": {"existingSecret": "ca"}}}, "tls.clientCA.existingSecret is set but tls.enabled is false"),
-        ({"auth": {"enabled": True, "existingSecret": ""}}, "auth.existingSecret is empty"),
-        ({**MTLS}, "auth.existingSecret is empty"),
     ],
 )
 def test_incomplete_tls_and_auth_values_are_refused(chart, values, wanted):

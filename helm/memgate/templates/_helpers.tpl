@@ -82,6 +82,22 @@ The file names are fixed; the Secret volumes' items map the configured keys to t
 {{- define "memgate.authDir" -}}{{ include "memgate.configDir" . }}/auth{{- end -}}
 
 {{/*
+The Secret whose tokens file the pod mounts: auth.existingSecret, or the one the
+chart generates (templates/auth-secrets.yaml) when that is empty. The generated
+client token lives apart, in memgate.clientTokenSecretName, so that access to it
+can be granted without access to anything the server mounts.
+*/}}
+{{- define "memgate.generatesToken" -}}
+{{- if and .Values.auth.enabled (not .Values.auth.existingSecret) -}}true{{- end -}}
+{{- end -}}
+{{- define "memgate.tokensSecretName" -}}
+{{- default (printf "%s-tokens" (include "memgate.fullname" .)) .Values.auth.existingSecret -}}
+{{- end -}}
+{{- define "memgate.clientTokenSecretName" -}}
+{{- printf "%s-client-token" (include "memgate.fullname" .) -}}
+{{- end -}}
+
+{{/*
 The port the kubelet's gRPC probes and the `helm test` Pod dial. With TLS on
 the gRPC port only speaks TLS, which the kubelet's native gRPC probe cannot, so
 they ask the same health services over plaintext h2c on the admin port.
@@ -186,10 +202,6 @@ that names the value to change.
 {{- end -}}
 {{- if and $v.tls.clientCA.existingSecret (not $v.tls.enabled) -}}
 {{- fail "tls.clientCA.existingSecret is set but tls.enabled is false: client certificates (mTLS) are only asked for over TLS, so set tls.enabled and tls.existingSecret too, or clear tls.clientCA.existingSecret" -}}
-{{- end -}}
-{{- /* Last, so that every other refusal names its own value first. */ -}}
-{{- if and $v.auth.enabled (not $v.auth.existingSecret) -}}
-{{- fail (printf "auth.enabled is true (the chart's default) but auth.existingSecret is empty: create a Secret holding the tokens file under the key %q (see the README, \"Deploy on Kubernetes\") and set auth.existingSecret to its name, or set auth.enabled=false to serve every caller without credentials" $v.auth.tokensKey) -}}
 {{- end -}}
 {{- end -}}
 
