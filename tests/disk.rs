@@ -496,6 +496,74 @@ async fn a_preallocated_upload_survives_the_disk_filling_from_outside() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_cut_off_gives_its_preallocation_back_and_resumes() {
+    let Some(vol) = Volume::require(Fs::Tmpfs, 220) else {
+        return;
+    };
+    let m = start(&vol, CONFIG);
+    let mut c = client(&m);
+    let data = payload(BIG, 25);
+    let name = write_name(&digest(&data));
+    let mut w = OpenWrite::start(&c, &name, &data, 0);
+    w.send(8 * CHUNK).await;
+    wait_for_committed(&mut c, &name, |n| n >= 8 * MIB as i64).await;
+    // The whole upload is preallocated while it runs.
+    assert!(
+        vol.statvfs().0 < 220 * MIB - BIG as u64 + MIB,
+        "{}",
+        vol.statvfs().0
+    );
+    // The client vanishes mid-upload.
+    w.call.abort();
+    drop(w.tx.take());
+    // Bounded polling of the real state: the reservation is given back once the
+    // stream's data is durable, and the volume holds only what was written.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while disk_metric(&m, "reserved").await != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the reservation was never released"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let committed = wait_committed_stable(&mut c, &name).await as u64;
+    let (free, _) = vol.statvfs();
+    assert!(
+        free >= 220 * MIB - committed - MIB,
+        "free {free} with {committed} committed"
+    );
+    let part = partials(&vol.path);
+    assert_eq!(
+        std::fs::metadata(&part[0]).unwrap().blocks() * 512,
+        committed.next_multiple_of(4096)
+    );
+    // Another 150 MB upload fits now only because that space came back; then
+    // the cut one cannot, and says so, until that one is gone.
+    let other = payload(BIG, 26);
+    assert_eq!(
+        upload(&mut c, &other)
+            .await
+            .expect("150 MB in the released space"),
+        BIG as i64
+    );
+    expect_code(
+        write_from(&mut c, &name, &data, committed).await,
+        Code::ResourceExhausted,
+        "resuming with the space taken",
+    );
+    let od = digest(&other);
+    std::fs::remove_file(vol.path.join("blobs").join(&od.hex()[..2]).join(od.hex())).unwrap();
+    assert_eq!(
+        write_from(&mut c, &name, &data, committed)
+            .await
+            .expect("the resume"),
+        BIG as i64
+    );
+    let d = digest(&data);
+    assert_eq!(read_digest(&mut c, &d.read_name()).await.unwrap(), d);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_preallocation_a_disk_filled_mid_upload_keeps_the_committed_bytes_and_resumes() {
     let Some(vol) = Volume::require(Fs::Ext2, 256) else {
         return;
