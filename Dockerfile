@@ -55,8 +55,10 @@ COPY --from=build /out/etc/memgate/memgate.toml /etc/memgate/memgate.toml
 # The only path memgate writes (mount a volume here to keep blobs).
 COPY --from=build --chown=65532:65532 /out/var/lib/memgate /var/lib/memgate
 # jemalloc's options are embedded in the binary (background_thread:true,
-# dirty_decay_ms:1000, muzzy_decay_ms:0) and suit containers as they are, so
-# _RJEM_MALLOC_CONF is not set here; set it at run time only to differ from them.
+# dirty_decay_ms:1000, muzzy_decay_ms:0, and the heap profiler loaded but not
+# sampling until [profiling] enabled: prof:true, prof_active:false,
+# lg_prof_sample:19) and suit containers as they are, so _RJEM_MALLOC_CONF is
+# not set here; set it at run time only to differ from them.
 USER 65532:65532
 WORKDIR /var/lib/memgate
 # gRPC (ByteStream, Payload, health, reflection) and the admin HTTP listener

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The whole test suite, exactly as CI runs it (.ci/run calls this script).
-# Needs the Rust toolchain and Python 3.11; installs what else it needs:
-# cargo-nextest if missing, Garage (the S3 server the S3 tests start) into
-# ~/.cache/memgate-tools once, and into venvs under target/ the deployment
-# checkers (Helm's library, kubernetes-validate, checkov) and grpcio.
+# Needs the Rust toolchain, Python 3.11 and Node.js with npm; installs what
+# else it needs: cargo-nextest if missing, Garage (the S3 server the S3 tests
+# start) into ~/.cache/memgate-tools once, into venvs under target/ the
+# deployment checkers (Helm's library, kubernetes-validate, checkov) and
+# grpcio, and into target/pprof-reader the pprof decoder of the profiling tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,6 +17,8 @@ MEMGATE_GARAGE_BIN="$(bash scripts/install-garage.sh)"
 export MEMGATE_GARAGE_BIN
 # A second gRPC implementation (grpcio) for tests/security.rs, in target/.
 bash scripts/interop-venv.sh >/dev/null
+# An independent pprof reader (pprof-format, npm) for tests/heap_profile.rs.
+bash scripts/pprof-reader.sh >/dev/null
 
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings

@@ -45,6 +45,9 @@ pub enum Permission {
     Write,
     /// Payload Process.
     Process,
+    /// Heap profiles on the admin listener (`/debug/pprof/...`). No gRPC
+    /// method needs it, and it grants none.
+    Admin,
 }
 
 /// The permission a method needs; `None`: open to all (health, reflection).
@@ -283,6 +286,35 @@ impl Authorizer {
     }
 }
 
+impl Authorizer {
+    /// Authenticates a plain HTTP request on the admin listener by its bearer
+    /// token (the listener is plaintext, so there are no client certificates)
+    /// and checks that its principal has `needed`. Errors are UNAUTHENTICATED
+    /// (no or unknown token) or PERMISSION_DENIED, for the caller to map to
+    /// 401 and 403.
+    pub fn check_bearer(
+        &self,
+        what: &str,
+        needed: &[Permission],
+        headers: &http::HeaderMap,
+    ) -> Result<Principal, Status> {
+        let token = bearer(headers)?.ok_or_else(|| {
+            Status::unauthenticated("credentials required: send `Authorization: Bearer <token>`")
+        })?;
+        let table = self.table();
+        let principal = table
+            .by_token(token)
+            .ok_or_else(|| Status::unauthenticated("unknown bearer token"))?;
+        if !principal.may(needed) {
+            return Err(Status::permission_denied(format!(
+                "{} may not read {what}: it needs {:?}",
+                principal.name, needed
+            )));
+        }
+        Ok(principal.clone())
+    }
+}
+
 /// The bearer token, if an `authorization` header carries one.
 fn bearer(headers: &http::HeaderMap) -> Result<Option<&str>, Status> {
     let Some(value) = headers.get(http::header::AUTHORIZATION) else {
@@ -450,10 +482,69 @@ mod tests {
         .unwrap_err();
         assert!(e.contains("twice") && !e.contains(&hash("x")), "{e}");
         let e =
-            Table::parse("[[tokens]]\nname = \"a\"\nsha256 = \"00\"\npermissions = [\"admin\"]\n")
+            Table::parse("[[tokens]]\nname = \"a\"\nsha256 = \"00\"\npermissions = [\"delete\"]\n")
                 .unwrap_err();
-        assert!(e.contains("admin"), "{e}");
+        assert!(e.contains("delete"), "{e}");
         assert!(Table::parse("[[tokns]]\n").is_err());
+    }
+
+    /// `admin` is a permission of its own: files written before it existed
+    /// parse as they did, and a full gRPC principal does not get it.
+    #[test]
+    fn admin_is_granted_only_where_listed() {
+        let t = Table::parse(&format!(
+            "[[tokens]]\nname = \"ops\"\nsha256 = \"{}\"\npermissions = [\"admin\"]\n\
+             [[tokens]]\nname = \"all\"\nsha256 = \"{}\"\npermissions = [\"read\", \"write\", \"process\"]\n",
+            hash("ops-token"),
+            hash("all-token")
+        ))
+        .unwrap();
+        let ops = t.by_token("ops-token").unwrap();
+        assert!(ops.may(&[Permission::Admin]));
+        assert!(!ops.may(required("/google.bytestream.ByteStream/Read").unwrap()));
+        let all = t.by_token("all-token").unwrap();
+        assert!(all.may(required("/x.Y/Z").unwrap()));
+        assert!(!all.may(&[Permission::Admin]));
+    }
+
+    #[test]
+    fn admin_http_requests_are_checked_by_bearer_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "[[tokens]]\nname = \"ops\"\nsha256 = \"{}\"\npermissions = [\"admin\"]\n\
+                 [[tokens]]\nname = \"reader\"\nsha256 = \"{}\"\npermissions = [\"read\"]\n",
+                hash("ops-token"),
+                hash("read-token")
+            ),
+        )
+        .unwrap();
+        let auth = Authorizer::new(&AuthConfig {
+            enabled: true,
+            tokens_file: path,
+            ..AuthConfig::default()
+        })
+        .unwrap();
+        let with = |v: Option<&str>| {
+            let mut h = http::HeaderMap::new();
+            if let Some(v) = v {
+                h.insert("authorization", v.parse().unwrap());
+            }
+            auth.check_bearer("/debug/pprof/heap", &[Permission::Admin], &h)
+        };
+        assert_eq!(&*with(Some("Bearer ops-token")).unwrap().name, "ops");
+        let denied = with(Some("Bearer read-token")).unwrap_err();
+        assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+        assert!(denied.message().contains("reader"), "{denied:?}");
+        for anon in [None, Some("Bearer nope"), Some("Basic b3Bz")] {
+            assert_eq!(
+                with(anon).unwrap_err().code(),
+                tonic::Code::Unauthenticated,
+                "{anon:?}"
+            );
+        }
     }
 
     #[test]

@@ -52,6 +52,7 @@ pub struct Config {
     pub shutdown: ShutdownConfig,
     pub tls: TlsConfig,
     pub auth: AuthConfig,
+    pub profiling: ProfilingConfig,
 }
 
 /// `[tls]`: TLS on the gRPC listener (the admin listener stays plaintext, for
@@ -123,6 +124,51 @@ impl Default for AdminConfig {
         Self {
             addr: DEFAULT_ADMIN_ADDR.parse().expect("valid default address"),
         }
+    }
+}
+
+/// Off: a profile shows code structure to whoever reaches the plaintext admin
+/// port, and sampling costs a little on every allocation; turned on per deployment.
+pub const DEFAULT_PROFILING_ENABLED: bool = false;
+/// 512 KiB, jemalloc's own default (`lg_prof_sample:19`): every 150 MB payload
+/// buffer is sampled, and the measured cost is within noise (docs/profiling.md).
+pub const DEFAULT_SAMPLE_INTERVAL: ByteSize = ByteSize::kib(512);
+
+/// `[profiling]`: jemalloc's sampling heap profiler, served on the admin
+/// listener as `/debug/pprof/heap` (pprof) and `/debug/pprof/heap.svg`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProfilingConfig {
+    /// Sample allocations from start-up and serve heap profiles.
+    pub enabled: bool,
+    /// Mean bytes allocated between two samples; a power of two.
+    pub sample_interval: ByteSize,
+}
+
+impl Default for ProfilingConfig {
+    fn default() -> Self {
+        Self {
+            enabled: DEFAULT_PROFILING_ENABLED,
+            sample_interval: DEFAULT_SAMPLE_INTERVAL,
+        }
+    }
+}
+
+impl ProfilingConfig {
+    /// `sample_interval` as jemalloc's `lg_prof_sample` (its base-2 logarithm).
+    pub fn lg_sample(&self) -> u32 {
+        self.sample_interval.as_u64().max(1).ilog2()
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let n = self.sample_interval.as_u64();
+        if !n.is_power_of_two() || !(4 * 1024..=1024 * 1024 * 1024).contains(&n) {
+            return Err(ConfigError::invalid(
+                "profiling.sample_interval",
+                "must be a power of two between 4KiB and 1GiB, e.g. \"512KiB\" (jemalloc samples every 2^n bytes on average)",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -670,6 +716,7 @@ impl Config {
                 "must be longer than 0s",
             ));
         }
+        self.profiling.validate()?;
         self.memory.validate()
     }
 }

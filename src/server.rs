@@ -236,6 +236,8 @@ impl Server {
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1()?;
 
+        // jemalloc starts sampling here when [profiling] is on (an error if it cannot).
+        let profiles = admin_http::Profiles::start(&cfg.profiling, auth.clone(), guard.clone())?;
         let (admin_stop, admin_stopped) = oneshot::channel::<()>();
         let admin_addr = match admin {
             Some(listener) => {
@@ -246,6 +248,7 @@ impl Server {
                     health.clone(),
                     Arc::new(move || m.encode(&g)),
                     Some(grpc_health),
+                    profiles,
                 );
                 tokio::spawn(async move {
                     let stopped = async {

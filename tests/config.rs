@@ -218,6 +218,20 @@ fn invalid_sizes_are_errors_naming_the_key() {
 }
 
 #[test]
+fn the_profiling_sample_interval_is_a_power_of_two_in_range() {
+    for bad in ["\"500KiB\"", "\"1KiB\"", "\"2GiB\"", "0"] {
+        load_err(
+            &format!("[profiling]\nsample_interval = {bad}\n"),
+            &["profiling.sample_interval", "power of two"],
+        );
+    }
+    let cfg = load_str("[profiling]\nenabled = true\nsample_interval = \"1MiB\"\n").unwrap();
+    assert!(cfg.profiling.enabled);
+    assert_eq!(cfg.profiling.lg_sample(), 20);
+    assert_eq!(Config::default().profiling.lg_sample(), 19);
+}
+
+#[test]
 fn ratios_out_of_range_are_errors_naming_the_key() {
     load_err(
         "[memory]\nbudget_ratio = 1.5\n",

@@ -28,12 +28,13 @@ fn reports_the_discovered_limit_and_the_embedded_allocator_options() {
     assert!(r["budget_bytes"].as_u64().unwrap() < r["limit_bytes"].as_u64().unwrap());
     assert_eq!(r["reserved_bytes"], 0);
     assert_eq!(r["pressure"], "normal");
-    assert_eq!(
-        r["malloc_conf"],
-        memgate::guard::jemalloc::EMBEDDED_MALLOC_CONF
-    );
+    assert_eq!(r["malloc_conf"], memgate::admin::pprof::MALLOC_CONF);
     assert_eq!(r["malloc_conf_source"], "embedded in the binary");
     assert_eq!(r["background_thread"], true);
+    // The heap profiler is loaded but [profiling] is off by default.
+    assert_eq!(r["heap_profiler_loaded"], true);
+    assert_eq!(r["profiling_enabled"], false);
+    assert_eq!(r["profiling_sample_interval_bytes"], 512 * 1024);
     let has_v1_memory = std::fs::read_to_string("/proc/self/cgroup")
         .unwrap_or_default()
         .lines()

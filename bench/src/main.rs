@@ -35,6 +35,18 @@ enum Name {
 enum Compare {
     /// The same scenario against the same binary with `[memory] enabled = false`.
     GuardOff,
+    /// The same scenario with jemalloc's heap profiler sampling
+    /// (`[profiling] enabled = true`), then not; both with the guard on.
+    Profiling,
+}
+
+impl Compare {
+    fn to_scenario(self) -> scenario::Compare {
+        match self {
+            Compare::GuardOff => scenario::Compare::GuardOff,
+            Compare::Profiling => scenario::Compare::Profiling,
+        }
+    }
 }
 
 /// Runs a named load scenario against memgate and reports what its memory did.
@@ -70,7 +82,7 @@ struct Cli {
     /// Attempts per call; RESOURCE_EXHAUSTED is retried after the server's pushback.
     #[arg(long, default_value_t = 10)]
     max_attempts: usize,
-    /// Run the scenario a second time with the guard off and compare.
+    /// Run the scenario a second time, changed as this says, and compare.
     #[arg(long, value_enum)]
     compare: Option<Compare>,
 
@@ -231,7 +243,8 @@ async fn run(cli: &Cli) -> anyhow::Result<bool> {
         retry,
         scratch: openssl::scratch_dir(),
     };
-    let report = scenario::run(scenario, &params, &target, cli.compare.is_some()).await?;
+    let compare = cli.compare.map(Compare::to_scenario);
+    let report = scenario::run_compared(scenario, &params, &target, compare).await?;
     print!("{}", report.text());
     write_json(&json, &report)?;
     draw(&png, &report)?;
@@ -302,9 +315,9 @@ fn draw(path: &Path, report: &RunReport) -> anyhow::Result<()> {
         Some(l) => (Some(l), "cgroup limit"),
         None => (guard_limit, "memory limit (guard's)"),
     };
-    let versus = match report.comparison {
-        Some(_) => ": guard on vs off",
-        None => "",
+    let versus = match &report.comparison {
+        Some(c) => format!(": {} vs {}", c.variants[0], c.variants[1]),
+        None => String::new(),
     };
     let title = match (cgroup_limit, report.variants.first()) {
         (Some(l), _) => format!(

@@ -217,12 +217,19 @@ pub fn median_rss(samples: &[Sample], from: f64, to: f64) -> Option<u64> {
     median(&v).map(|m| m as u64)
 }
 
-/// Guard on over guard off.
+/// The first variant over the second: guard on over guard off, or profiling on
+/// over profiling off.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Comparison {
-    /// On's MB/s over off's; `None` when off moved nothing.
+    /// The two variants' labels, first over second.
+    pub variants: [String; 2],
+    /// First's MB/s over second's; `None` when the second moved nothing.
     pub throughput_ratio: Option<f64>,
     pub peak_rss_ratio: Option<f64>,
+    /// First minus second, in bytes: what the first costs in memory.
+    pub idle_rss_diff: Option<i64>,
+    pub peak_rss_diff: Option<i64>,
+    pub rss_1s_after_diff: Option<i64>,
     pub oom_kills_on: Option<u64>,
     pub oom_kills_off: Option<u64>,
     pub calls_ok_on: usize,
@@ -230,14 +237,23 @@ pub struct Comparison {
 }
 
 impl Comparison {
-    pub fn of(on: &Summary, off: &Summary) -> Comparison {
+    pub fn of(
+        first: &crate::variant::VariantReport,
+        second: &crate::variant::VariantReport,
+    ) -> Comparison {
+        let (on, off) = (&first.summary, &second.summary);
         let ratio = |a: f64, b: f64| (b > 0.0).then(|| a / b);
+        let diff = |a: Option<u64>, b: Option<u64>| Some(a? as i64 - b? as i64);
         Comparison {
+            variants: [first.label.clone(), second.label.clone()],
             throughput_ratio: ratio(on.mb_per_s, off.mb_per_s),
             peak_rss_ratio: match (on.peak_rss, off.peak_rss) {
                 (Some(a), Some(b)) => ratio(a as f64, b as f64),
                 _ => None,
             },
+            idle_rss_diff: diff(on.idle_rss, off.idle_rss),
+            peak_rss_diff: diff(on.peak_rss, off.peak_rss),
+            rss_1s_after_diff: diff(on.rss_1s_after, off.rss_1s_after),
             oom_kills_on: on.oom_kills,
             oom_kills_off: off.oom_kills,
             calls_ok_on: on.calls_ok,
@@ -404,10 +420,15 @@ impl RunReport {
         if let Some(c) = &self.comparison {
             let _ = writeln!(
                 out,
-                "-- guard on / guard off -- throughput x{}, peak RSS x{}, OOM kills {} vs {}, \
-                 calls OK {} vs {}",
+                "-- {} / {} -- throughput x{}, peak RSS x{} ({}), idle RSS {}, RSS 1 s after {}, \
+                 OOM kills {} vs {}, calls OK {} vs {}",
+                c.variants[0],
+                c.variants[1],
                 fmt_ratio(c.throughput_ratio),
                 fmt_ratio(c.peak_rss_ratio),
+                fmt_mib_signed(c.peak_rss_diff),
+                fmt_mib_signed(c.idle_rss_diff),
+                fmt_mib_signed(c.rss_1s_after_diff),
                 c.oom_kills_on.map_or("n/a".into(), |k| k.to_string()),
                 c.oom_kills_off.map_or("n/a".into(), |k| k.to_string()),
                 c.calls_ok_on,

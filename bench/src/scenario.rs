@@ -12,7 +12,7 @@ use crate::{
     payload::{self, Payload, Pool},
     report::{Comparison, RunReport},
     target::Target,
-    variant::{self, VariantReport},
+    variant::{self, Setup, VariantReport},
 };
 
 /// A scenario's name on the command line and in the report.
@@ -169,6 +169,59 @@ pub async fn run(
     target: &Target,
     compare_guard_off: bool,
 ) -> anyhow::Result<RunReport> {
+    let compare = compare_guard_off.then_some(Compare::GuardOff);
+    run_compared(scenario, params, target, compare).await
+}
+
+/// What a comparison changes between its two runs of the same binary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compare {
+    /// `[memory] enabled` true, then false.
+    GuardOff,
+    /// `[profiling] enabled` true (jemalloc sampling at its configured
+    /// interval), then false (the profiler loaded but not sampling).
+    Profiling,
+}
+
+impl Compare {
+    /// The two variants, measured in this order; the comparison is the first over the second.
+    fn variants(self) -> [(&'static str, Setup); 2] {
+        let profiling = |on: bool| Setup {
+            guard: Some(true),
+            env: vec![("MEMGATE__PROFILING__ENABLED".into(), on.to_string())],
+        };
+        match self {
+            Compare::GuardOff => [
+                (
+                    "guard on",
+                    Setup {
+                        guard: Some(true),
+                        env: Vec::new(),
+                    },
+                ),
+                (
+                    "guard off",
+                    Setup {
+                        guard: Some(false),
+                        env: Vec::new(),
+                    },
+                ),
+            ],
+            Compare::Profiling => [
+                ("profiling on", profiling(true)),
+                ("profiling off", profiling(false)),
+            ],
+        }
+    }
+}
+
+/// [`run`], comparing what `compare` says (or nothing).
+pub async fn run_compared(
+    scenario: Scenario,
+    params: &Params,
+    target: &Target,
+    compare: Option<Compare>,
+) -> anyhow::Result<RunReport> {
     let plan = Plan::new(scenario, params);
     let payloads = make_payloads(plan.payloads, params.size).await?;
     let measured: Vec<Payload> = plan
@@ -188,27 +241,28 @@ pub async fn run(
             None
         }
     };
-    let guards: Vec<Option<bool>> = match (compare_guard_off, target) {
-        (true, _) => vec![Some(true), Some(false)],
-        (false, Target::Spawn(_)) => vec![Some(true)],
-        (false, Target::External(_)) => vec![None],
+    let setups: Vec<(&str, Setup)> = match (compare, target) {
+        (Some(c), _) => c.variants().into(),
+        (None, Target::Spawn(_)) => vec![(
+            "guard on",
+            Setup {
+                guard: Some(true),
+                env: Vec::new(),
+            },
+        )],
+        (None, Target::External(_)) => vec![("as running", Setup::default())],
     };
     let mut variants: Vec<VariantReport> = Vec::new();
-    for guard in guards {
-        let label = match guard {
-            Some(true) => "guard on",
-            Some(false) => "guard off",
-            None => "as running",
-        };
+    for (label, setup) in setups {
         eprintln!(
             "memgate-bench: {} ({label}): {}",
             scenario.name(),
             plan.description
         );
-        let v = variant::run(
+        let v = variant::run_with(
             label,
             target,
-            guard,
+            &setup,
             &plan,
             &payloads,
             params,
@@ -219,7 +273,7 @@ pub async fn run(
         variants.push(v);
     }
     let comparison = match variants.as_slice() {
-        [on, off] => Some(Comparison::of(&on.summary, &off.summary)),
+        [a, b] => Some(Comparison::of(a, b)),
         _ => None,
     };
     Ok(RunReport::new(

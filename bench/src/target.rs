@@ -74,9 +74,25 @@ pub struct Running {
 /// [`spawn_memgate_in`]): call this from `main`'s task or a test's, not from
 /// `spawn_blocking`.
 pub async fn start(target: &Target, guard: Option<bool>) -> anyhow::Result<Running> {
+    start_with_env(target, guard, &[]).await
+}
+
+/// [`start`], with more `MEMGATE__*` overrides for a spawned server (a server
+/// we did not start cannot take any).
+pub async fn start_with_env(
+    target: &Target,
+    guard: Option<bool>,
+    env: &[(String, String)],
+) -> anyhow::Result<Running> {
     let running = match target {
-        Target::Spawn(opts) => spawn(opts, guard.unwrap_or(true))?,
+        Target::Spawn(opts) => spawn(opts, guard.unwrap_or(true), env)?,
         Target::External(ext) => {
+            if !env.is_empty() {
+                bail!(
+                    "comparing configurations needs a server the bench starts itself: it runs \
+                     the same binary once per variant with different MEMGATE__* settings (drop --addr)"
+                );
+            }
             if guard.is_some() {
                 bail!(
                     "turning the guard off needs a server the bench starts itself: it runs the \
@@ -99,7 +115,7 @@ pub async fn start(target: &Target, guard: Option<bool>) -> anyhow::Result<Runni
     Ok(running)
 }
 
-fn spawn(opts: &SpawnOptions, guard: bool) -> anyhow::Result<Running> {
+fn spawn(opts: &SpawnOptions, guard: bool, env: &[(String, String)]) -> anyhow::Result<Running> {
     let cgroup = ChildCgroup::create("memgate-bench", opts.limit).map_err(|why| {
         anyhow::anyhow!(
             "cannot run memgate in a child memory cgroup: {why}\n\
@@ -125,6 +141,7 @@ fn spawn(opts: &SpawnOptions, guard: bool) -> anyhow::Result<Running> {
     let mut spec = ServerSpec::new(&opts.binary, &opts.config_toml, data.path());
     spec.env
         .push(("MEMGATE__MEMORY__ENABLED".into(), guard.to_string()));
+    spec.env.extend(env.iter().cloned());
     let process = spawn_memgate_in(&cgroup, &spec)?;
     Ok(Running {
         url: format!("http://{}", process.addr),

@@ -57,7 +57,33 @@ pub async fn run(
     params: &Params,
     openssl: Option<&Baseline>,
 ) -> anyhow::Result<VariantReport> {
-    let mut running = target::start(target, guard).await?;
+    let setup = Setup {
+        guard,
+        env: Vec::new(),
+    };
+    run_with(label, target, &setup, plan, payloads, params, openssl).await
+}
+
+/// How a spawned server is set up for one variant of a comparison.
+#[derive(Debug, Clone, Default)]
+pub struct Setup {
+    /// `[memory] enabled`; `None` for a server we did not start.
+    pub guard: Option<bool>,
+    /// More `MEMGATE__*` overrides (`MEMGATE__PROFILING__ENABLED`, ...).
+    pub env: Vec<(String, String)>,
+}
+
+/// [`run`] with a server set up as `setup` says.
+pub async fn run_with(
+    label: &str,
+    target: &Target,
+    setup: &Setup,
+    plan: &Plan,
+    payloads: &[Payload],
+    params: &Params,
+    openssl: Option<&Baseline>,
+) -> anyhow::Result<VariantReport> {
+    let mut running = target::start_with_env(target, setup.guard, &setup.env).await?;
     let origin = Instant::now();
     let timeline = Timeline::start(running.sources(), origin, timeline::INTERVAL);
     let mut watch = timeline.watch();

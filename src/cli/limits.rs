@@ -58,6 +58,13 @@ pub struct LimitsReport {
     pub background_thread: Option<bool>,
     pub dirty_decay_ms: Option<i64>,
     pub muzzy_decay_ms: Option<i64>,
+    /// `[profiling] enabled`: the server samples and serves `/debug/pprof/heap`.
+    pub profiling_enabled: bool,
+    /// `[profiling] sample_interval`.
+    pub profiling_sample_interval_bytes: u64,
+    /// Whether this binary's jemalloc loaded its heap profiler (`prof:true`),
+    /// without which `serve` refuses `[profiling] enabled = true`.
+    pub heap_profiler_loaded: Option<bool>,
 }
 
 /// Takes one reading with the server's own code.
@@ -154,6 +161,9 @@ pub fn report(cfg: &Config) -> LimitsReport {
         background_thread: js.as_ref().map(|s| s.background_thread),
         dirty_decay_ms: js.as_ref().map(|s| s.dirty_decay_ms),
         muzzy_decay_ms: js.as_ref().map(|s| s.muzzy_decay_ms),
+        profiling_enabled: cfg.profiling.enabled,
+        profiling_sample_interval_bytes: cfg.profiling.sample_interval.as_u64(),
+        heap_profiler_loaded: crate::admin::pprof::state().ok().map(|s| s.loaded),
     }
 }
 
@@ -259,5 +269,16 @@ pub fn render(r: &LimitsReport) -> String {
     if let (Some(c), Some(src)) = (&r.malloc_conf, r.malloc_conf_source) {
         line("malloc conf", format!("{c:?} ({src})"));
     }
+    let every = size(r.profiling_sample_interval_bytes);
+    line(
+        "profiling",
+        match (r.profiling_enabled, r.heap_profiler_loaded) {
+            (false, _) => "off ([profiling] enabled = false)".into(),
+            (true, Some(true)) => format!(
+                "on: a sample every {every} on average; GET /debug/pprof/heap on the admin listener"
+            ),
+            (true, _) => "enabled, but jemalloc has no heap profiler loaded (prof:false?): serve will refuse to start".into(),
+        },
+    );
     out
 }

@@ -1,8 +1,10 @@
-//! The `memgate` command line: `serve`, the client commands, and `limits`.
+//! The `memgate` command line: `serve`, the client commands, `limits` and
+//! `profile`.
 
 mod lifecycle;
 mod limits;
 mod logging;
+mod profile;
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
@@ -61,6 +63,27 @@ enum Command {
         addr: String,
         /// Give up after this long.
         #[arg(long, default_value = "5s", value_parser = humantime_serde::re::humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
+    /// Fetch a heap profile from a running server's admin listener ([profiling]
+    /// enabled): gzipped pprof for `go tool pprof`, or a flamegraph SVG when the
+    /// output ends in `.svg`.
+    Profile {
+        /// The server's admin listener (`admin.addr`): `host:port` or a URL.
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        admin_addr: String,
+        /// Where to write the profile (`heap.pb.gz`, `heap.svg`).
+        #[arg(short, long)]
+        output: PathBuf,
+        /// What to fetch; by default SVG for a `.svg` output, else pprof.
+        #[arg(long, value_enum)]
+        format: Option<profile::ProfileFormat>,
+        /// With [auth] on: a file whose first line is a bearer token with the
+        /// `admin` permission. Without it the token comes from `MEMGATE_TOKEN`.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// Give up after this long (the first profile of a process takes longest).
+        #[arg(long, default_value = "60s", value_parser = humantime_serde::re::humantime::parse_duration)]
         timeout: std::time::Duration,
     },
     /// Send a file to Payload/Process in one message; prints its SHA-256 and size.
@@ -200,6 +223,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if status != "SERVING" {
                 anyhow::bail!("service {service:?} is {status}");
             }
+            Ok(())
+        }
+        Command::Profile {
+            admin_addr,
+            output,
+            format,
+            token_file,
+            timeout,
+        } => {
+            let format = format.unwrap_or_else(|| profile::ProfileFormat::for_output(&output));
+            let token = profile::token(token_file.as_deref())?;
+            let size =
+                profile::fetch(&admin_addr, format, token.as_deref(), timeout, &output).await?;
+            println!(
+                "{}: {} heap profile, {}",
+                output.display(),
+                match format {
+                    profile::ProfileFormat::Pprof => "pprof",
+                    profile::ProfileFormat::Svg => "flamegraph SVG",
+                },
+                bytesize::ByteSize::b(size).display().iec()
+            );
             Ok(())
         }
         Command::Process { file, echo, addr } => {

@@ -167,14 +167,15 @@ def test_healthcheck_asks_the_admin_port():
 
 
 def embedded_malloc_conf() -> dict[str, str]:
-    source = (ROOT / "src" / "guard" / "jemalloc.rs").read_text()
-    conf = re.search(r'EMBEDDED_MALLOC_CONF_C: &std::ffi::CStr =\s*c"([^"]*)"', source).group(1)
+    # The binary embeds the guard's options and the heap profiler's together.
+    source = (ROOT / "src" / "admin" / "pprof.rs").read_text()
+    conf = re.search(r'MALLOC_CONF_C: &std::ffi::CStr =\s*c"([^"]*)"', source).group(1)
     return dict(opt.split(":", 1) for opt in conf.split(","))
 
 
 def test_malloc_conf_only_where_it_differs_from_the_binary():
     embedded = embedded_malloc_conf()
-    assert embedded, "no embedded jemalloc options found in src/guard/jemalloc.rs"
+    assert embedded, "no embedded jemalloc options found in src/admin/pprof.rs"
     for i, args in ALL:
         if i != "ENV" or "_RJEM_MALLOC_CONF" not in args:
             continue
