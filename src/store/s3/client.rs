@@ -2,10 +2,28 @@
 
 use std::sync::Arc;
 
-use object_store::{ClientOptions, RetryConfig, aws::AmazonS3Builder};
+use object_store::{
+    ClientOptions, RetryConfig,
+    aws::AmazonS3Builder,
+    client::{HttpClient, HttpConnector, ReqwestConnector},
+};
 
 use super::credentials;
 use crate::config::S3Config;
+
+/// Timeouts and transport for every request to the store, `object_store`'s
+/// own and the listings it does not make (see `listing.rs`).
+fn client_options(s3: &S3Config) -> ClientOptions {
+    ClientOptions::new()
+        .with_timeout(s3.request_timeout)
+        .with_connect_timeout(s3.connect_timeout)
+        .with_allow_http(s3.endpoint.starts_with("http://"))
+}
+
+/// An HTTP client with the same options as `object_store`'s.
+pub(super) fn http_client(s3: &S3Config) -> object_store::Result<HttpClient> {
+    ReqwestConnector::default().connect(&client_options(s3))
+}
 
 pub(super) fn builder(s3: &S3Config) -> AmazonS3Builder {
     // The standard AWS variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
@@ -15,12 +33,7 @@ pub(super) fn builder(s3: &S3Config) -> AmazonS3Builder {
         .with_bucket_name(&s3.bucket)
         .with_region(&s3.region)
         .with_virtual_hosted_style_request(!s3.path_style)
-        .with_client_options(
-            ClientOptions::new()
-                .with_timeout(s3.request_timeout)
-                .with_connect_timeout(s3.connect_timeout)
-                .with_allow_http(s3.endpoint.starts_with("http://")),
-        )
+        .with_client_options(client_options(s3))
         .with_retry(RetryConfig {
             max_retries: s3.max_retries,
             retry_timeout: s3.retry_timeout,

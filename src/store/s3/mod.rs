@@ -3,31 +3,41 @@
 //! - `blobs/{sha256}`: a verified blob. Only ever written by a server-side copy
 //!   of a verified staging object, so nothing half-written is ever visible here.
 //! - `uploads/{id}/{generation}`: the bytes an interrupted upload received so
-//!   far (`id` is a hash of the upload name). The newest generation is the
-//!   upload's state; its size is what `QueryWriteStatus` reports.
+//!   far (`id` is a hash of the upload name), as a staging object, or as a
+//!   multipart upload still open under that key. The largest is the upload's
+//!   state; its size is what `QueryWriteStatus` reports, on any replica
+//!   (`state.rs`).
 //!
 //! A Write stream streams into a multipart upload of a new staging generation,
 //! hashing as it goes, with at most `parts_in_flight` part buffers (one
 //! filling, the others uploading): that, not the blob size, is the memory it
-//! holds. A resumed stream
-//! first copies the previous generation into the new one through memgate (to
-//! re-hash it), then continues with the client's bytes. When the stream ends:
+//! holds. A resumed stream first settles the upload's state into one staging
+//! object, copies it into the new generation through memgate (to re-hash it),
+//! then continues with the client's bytes. When the stream ends:
 //!
 //! - `finish_write` with the right digest: complete the multipart upload, copy
 //!   it to `blobs/{sha256}`, delete the staging objects;
 //! - wrong digest: abort it and delete the staging objects: nothing is stored;
 //! - the client half-closes or goes away: complete it as the new generation
-//!   (so what arrived stays resumable), delete the previous one.
+//!   (so what arrived stays resumable), delete the previous one;
+//! - the store fails (down, throttling past the retries, refusing): leave the
+//!   multipart upload open. Its acknowledged parts are kept as the upload's
+//!   committed bytes, exactly as after a disconnect; what the store never
+//!   acknowledged is lost. A memgate replica that dies mid-stream leaves the
+//!   same state behind.
 //!
-//! Multipart uploads orphaned by a crash are invisible to readers; a bucket
-//! lifecycle rule (`AbortIncompleteMultipartUpload`) reclaims their space.
+//! Open multipart uploads idle for longer than `partial_upload_expiry` are
+//! aborted by garbage collection, like staging objects.
 
 mod client;
 mod credentials;
 mod errors;
 mod keys;
+mod listing;
 mod observe;
+mod parts;
 mod read;
+mod state;
 mod write;
 
 use std::{
@@ -38,20 +48,21 @@ use std::{
 use bytes::Bytes;
 use futures_util::{StreamExt, TryStreamExt, stream};
 use object_store::{
-    GetOptions, GetRange, ObjectMeta, ObjectStore, ObjectStoreExt, WriteMultipart, aws::AmazonS3,
-    path::Path,
+    GetOptions, GetRange, ObjectMeta, ObjectStore, ObjectStoreExt, aws::AmazonS3,
+    client::HttpClient, path::Path,
 };
 use tokio::sync::mpsc;
 
 pub use observe::RequestObserver;
 
 use self::{
-    client::{builder, normalise_prefix},
+    client::{builder, http_client, normalise_prefix},
     errors::{classify, outcome_of},
     keys::{generation, now_millis, upload_id},
     observe::Observed,
+    parts::Multipart,
     read::rechunk,
-    write::{Hashing, Multipart, Target, run},
+    write::{Hashing, Target, run},
 };
 use super::{
     BlobStore, ReadStream, Result, StoreError,
@@ -73,6 +84,8 @@ pub struct S3Store {
 
 struct Inner {
     store: Arc<AmazonS3>,
+    /// For the requests `object_store` does not make (`listing.rs`).
+    http: HttpClient,
     bucket: String,
     prefix: String,
     max_blob_size: u64,
@@ -86,13 +99,16 @@ impl S3Store {
     /// Builds the client; makes no request (readiness checks reachability).
     pub fn open(cfg: &StorageConfig, observer: Arc<dyn RequestObserver>) -> Result<Self> {
         let s3 = &cfg.s3;
-        let store = builder(s3).build().map_err(|e| StoreError::Backend {
+        let configuring = |e: object_store::Error| StoreError::Backend {
             context: "configuring the S3 client".into(),
             detail: e.to_string(),
-        })?;
+        };
+        let store = builder(s3).build().map_err(configuring)?;
+        let http = http_client(s3).map_err(configuring)?;
         Ok(Self {
             inner: Arc::new(Inner {
                 store: Arc::new(store),
+                http,
                 bucket: s3.bucket.clone(),
                 prefix: normalise_prefix(&s3.prefix),
                 max_blob_size: cfg.max_blob_size.as_u64(),
@@ -116,7 +132,11 @@ impl S3Store {
         self.key(&format!("uploads/{id}"))
     }
 
-    /// The staging objects of an upload, newest (largest) first.
+    /// The staging objects of an upload, largest first. The largest (the one
+    /// an upload's state rests on) is checked with a HEAD: a distributed store
+    /// may list a key that is gone. Garage 2.5 does, for a key deleted while
+    /// one of its nodes was down, once that node is back (its range reads
+    /// filter on each node before merging, so the deletion is not seen).
     async fn staged(&self, id: &str) -> Result<Vec<ObjectMeta>> {
         let dir = self.uploads_dir(id);
         let start = Instant::now();
@@ -124,7 +144,40 @@ impl S3Store {
             self.inner.store.list(Some(&dir)).try_collect().await;
         let mut objects = self.observe("list", start, listed, "listing an upload")?;
         objects.sort_by(|a, b| b.size.cmp(&a.size).then(b.location.cmp(&a.location)));
+        while let Some(first) = objects.first() {
+            match self.head(&first.location).await? {
+                Some(meta) => {
+                    objects[0] = meta;
+                    break;
+                }
+                None => {
+                    tracing::debug!(key = %first.location, "a listed staging object is gone");
+                    objects.remove(0);
+                }
+            }
+        }
         Ok(objects)
+    }
+
+    /// Whether a Write stream in this process owns the upload that
+    /// `uploads/{id}/{generation}` belongs to.
+    fn is_active_here(&self, staging: &Path) -> bool {
+        let id = staging.parts().rev().nth(1);
+        id.is_some_and(|id| self.inner.active.set().contains(id.as_ref()))
+    }
+
+    /// Every multipart upload open under the prefix, with the bytes the store
+    /// acknowledged for it (its parts up to the first gap), sorted by key: data
+    /// held outside any object, for tools and tests.
+    pub async fn open_uploads(&self) -> Result<Vec<(String, u64)>> {
+        let mut open: Vec<(String, u64)> = self
+            .open_under(&self.key(""))
+            .await?
+            .into_iter()
+            .map(|o| (o.key.to_string(), o.size))
+            .collect();
+        open.sort();
+        Ok(open)
     }
 
     /// Records a request's outcome and turns its error into a [`StoreError`].
@@ -199,7 +252,9 @@ impl S3Store {
             .boxed())
     }
 
-    async fn put_multipart(&self, key: Path) -> Result<Multipart> {
+    /// Starts a multipart upload to `key`; `upload_name` names the upload it
+    /// stages, for the error its stream gets if another stream takes it over.
+    async fn put_multipart(&self, key: Path, upload_name: Option<String>) -> Result<Multipart> {
         let start = Instant::now();
         let r = self.inner.store.put_multipart(&key).await;
         let upload = self.observe("create_multipart", start, r, "starting an upload")?;
@@ -207,8 +262,12 @@ impl S3Store {
             inner: upload,
             observer: self.inner.observer.clone(),
         };
-        let w = WriteMultipart::new_with_chunk_size(Box::new(observed), self.inner.part_size);
-        Ok(Multipart { w, key })
+        Ok(Multipart::new(
+            Box::new(observed),
+            self.inner.part_size,
+            key,
+            upload_name,
+        ))
     }
 
     /// Copies `from` to `to`: server-side up to [`MAX_SERVER_SIDE_COPY`], streamed
@@ -224,7 +283,7 @@ impl S3Store {
             detail: format!("staging object {from} vanished"),
         };
         let mut source = self.get(from, 0..size, size, missing).await?;
-        let mut m = self.put_multipart(to.clone()).await?;
+        let mut m = self.put_multipart(to.clone(), None).await?;
         while let Some(chunk) = source.next().await {
             let fed = match chunk {
                 Ok(chunk) => m.feed(chunk, self.inner.parts_in_flight).await,
@@ -290,25 +349,29 @@ impl BlobStore for S3Store {
             .active
             .try_lock(&id)
             .ok_or_else(|| StoreError::Busy(name_of(name)))?;
-        let staged = self.staged(&id).await?;
-        let committed = staged.first().map_or(0, |m| m.size);
+        let state = self.upload_state(&id).await?;
+        let committed = state.committed();
         if offset != committed {
             return Err(StoreError::WrongOffset {
                 expected: committed,
                 got: offset as i64,
             });
         }
+        let staged = self.settle(&name_of(name), state).await?;
         let mut m = self
-            .put_multipart(self.key(&format!("uploads/{id}/{}", generation())))
+            .put_multipart(
+                self.key(&format!("uploads/{id}/{}", generation())),
+                Some(name_of(name)),
+            )
             .await?;
         let hashing = Hashing::spawn();
-        if let Some(previous) = staged.first() {
-            // Carry the bytes received earlier into the new generation, hashing them.
-            let missing = StoreError::UploadNotFound(name_of(name));
+        if let Some((previous, size)) = staged.first() {
+            // Carry the bytes received earlier into the new generation, hashing
+            // them. If they vanish meanwhile, another stream finished the upload
+            // or took it over.
+            let missing = StoreError::Busy(name_of(name));
             let copied = async {
-                let mut body = self
-                    .get(&previous.location, 0..committed, committed, missing)
-                    .await?;
+                let mut body = self.get(previous, 0..*size, *size, missing).await?;
                 while let Some(chunk) = body.next().await {
                     let chunk = chunk?;
                     hashing.update(chunk.clone()).await;
@@ -324,7 +387,7 @@ impl BlobStore for S3Store {
         let target = Target {
             store: self.clone(),
             expected: name.digest,
-            staged: staged.into_iter().map(|m| m.location).collect(),
+            staged: staged.into_iter().map(|(key, _)| key).collect(),
             committed,
             _lock: lock,
         };
@@ -337,39 +400,44 @@ impl BlobStore for S3Store {
         if self.contains(&name.digest).await? {
             return Ok((name.digest.size, true));
         }
-        match self.staged(&upload_id(name)).await?.first() {
-            Some(m) => Ok((m.size, false)),
-            None => Err(StoreError::UploadNotFound(name_of(name))),
+        let id = upload_id(name);
+        let mut state = self.upload_state(&id).await?;
+        if self.inner.active.set().contains(&id) {
+            // A stream running here owns the open upload and changes it as it
+            // goes: report what it started from until it ends, as before it began.
+            state.open.clear();
+        }
+        // Nothing durable yet is the same as no upload: the client starts at 0.
+        match state.committed() {
+            0 => Err(StoreError::UploadNotFound(name_of(name))),
+            committed => Ok((committed, false)),
         }
     }
 
     async fn collect_garbage(&self, expiry: Duration) -> Result<usize> {
+        let uploads = self.key("uploads");
+        // Open multipart uploads first, as everywhere (see state.rs).
+        let open = self.open_under(&uploads).await?;
         let start = Instant::now();
-        let listed: Result<Vec<ObjectMeta>, _> = self
-            .inner
-            .store
-            .list(Some(&self.key("uploads")))
-            .try_collect()
-            .await;
+        let listed: Result<Vec<ObjectMeta>, _> =
+            self.inner.store.list(Some(&uploads)).try_collect().await;
         let objects = self.observe("list", start, listed, "listing partial uploads")?;
         let now = now_millis();
+        let expired = |last_active_ms: i64| now - last_active_ms > expiry.as_millis() as i64;
         let mut removed = 0;
+        for o in open {
+            if expired(o.active_ms) && !self.is_active_here(&o.key) {
+                self.abort_open(&o).await;
+                removed += 1;
+                tracing::info!(upload = %o.key, "aborted expired open upload");
+            }
+        }
         for m in objects {
-            let idle = now - m.last_modified.timestamp_millis();
-            if idle <= expiry.as_millis() as i64 {
-                continue;
+            if expired(m.last_modified.timestamp_millis()) && !self.is_active_here(&m.location) {
+                self.delete_quietly(&m.location).await;
+                removed += 1;
+                tracing::info!(upload = %m.location, "removed expired partial upload");
             }
-            // uploads/{id}/{generation}: skip uploads with a stream running here.
-            let id = m.location.parts().rev().nth(1);
-            let Some(id) = id.map(|p| p.as_ref().to_owned()) else {
-                continue;
-            };
-            if self.inner.active.set().contains(&id) {
-                continue;
-            }
-            self.delete_quietly(&m.location).await;
-            removed += 1;
-            tracing::info!(upload = %m.location, "removed expired partial upload");
         }
         Ok(removed)
     }

@@ -4,11 +4,11 @@
 use std::time::Instant;
 
 use bytes::Bytes;
-use object_store::{ObjectStoreExt, PutPayload, WriteMultipart, path::Path};
+use object_store::{ObjectStoreExt, PutPayload, path::Path};
 use sha2::{Digest as _, Sha256};
 use tokio::sync::mpsc;
 
-use super::{S3Store, errors::classify};
+use super::{S3Store, parts::Multipart};
 use crate::api::resource::Digest;
 use crate::store::{
     Result, StoreError,
@@ -40,10 +40,9 @@ pub(super) async fn run(
             Cmd::Data(data) => {
                 let n = data.len() as u64;
                 hashing.update(data.clone()).await;
-                if let Err(e) = m.feed(data, parts).await {
-                    m.abort().await;
-                    return Err(e);
-                }
+                // On failure the multipart upload stays open: what the store
+                // acknowledged stays the upload's (state.rs).
+                m.feed(data, parts).await?;
                 len += n;
             }
             Cmd::Finish(reply) => {
@@ -99,43 +98,6 @@ async fn commit(m: Multipart, hash: [u8; 32], size: u64, t: &Target) -> Result<u
         store.delete_quietly(old).await;
     }
     Ok(size)
-}
-
-/// A multipart upload in progress, and the key it will complete to.
-pub(super) struct Multipart {
-    pub(super) w: WriteMultipart,
-    pub(super) key: Path,
-}
-
-impl Multipart {
-    /// Hands a chunk over once fewer than `parts - 1` parts are uploading, so
-    /// with the one filling there are at most `parts` part buffers: the
-    /// back-pressure that bounds an upload's memory.
-    pub(super) async fn feed(&mut self, data: Bytes, parts: usize) -> Result<()> {
-        self.w
-            .wait_for_capacity(parts - 1)
-            .await
-            .map_err(|e| classify("uploading a part", e))?;
-        self.w.put(data);
-        Ok(())
-    }
-
-    /// Gives up; the parts uploaded so far are deleted (best effort: a store
-    /// that is down keeps them until its lifecycle rule reclaims them).
-    pub(super) async fn abort(self) {
-        if let Err(e) = self.w.abort().await {
-            tracing::warn!(key = %self.key, error = %e, "could not abort a multipart upload");
-        }
-    }
-
-    /// Completes the upload; returns its key.
-    pub(super) async fn finish(self) -> Result<Path> {
-        self.w
-            .finish()
-            .await
-            .map_err(|e| classify("completing an upload", e))?;
-        Ok(self.key)
-    }
 }
 
 /// The SHA-256 of an upload, computed on a blocking thread beside the uploads.
