@@ -3,6 +3,8 @@
 //!
 //! - [`Garage`]: a single node, started by each test that needs one (half a
 //!   second), so tests stay independent and one can stop its store mid-upload;
+//! - [`Cluster`]: three nodes with replication factor 3, the store as it runs
+//!   in production, where one node can die without losing a write;
 //! - [`Storage`]: a test's blobs on local disk or in a Garage, so one suite
 //!   runs against both backends.
 //!
@@ -12,6 +14,7 @@
 // Each test binary uses a different part of this module.
 #![allow(dead_code, unused_imports)]
 
+mod cluster;
 mod garage;
 mod node;
 pub mod replica;
@@ -20,6 +23,7 @@ use std::path::Path;
 
 use memgate::config::{Backend, Config};
 
+pub use cluster::{Cluster, NODES};
 pub use garage::{Access, BUCKET, Garage};
 
 /// Where a test's blobs live: local disk or a Garage bucket, chosen per test so
