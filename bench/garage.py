@@ -1,7 +1,9 @@
-"""A throwaway single-node Garage (S3-compatible object store) on loopback, for
-benchmarks: config and data under a directory the caller owns, one bucket, one
-key. The binary is the one `scripts/install-garage.sh` installs (it prints its
-path) or `MEMGATE_GARAGE_BIN`.
+"""A throwaway Garage (S3-compatible object store) on loopback, for benchmarks:
+config and data under a directory the caller owns, one bucket, one key. `Garage`
+is a single node (replication factor 1); `GarageCluster` is three nodes with
+replication factor 3, each in its own zone, so every write is stored three
+times and acknowledged by two. The binary is the one `scripts/install-garage.sh`
+installs (it prints its path) or `MEMGATE_GARAGE_BIN`.
 
 Python 3.11, standard library only.
 """
@@ -36,18 +38,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class Garage:
-    def __init__(self, workdir: Path) -> None:
-        self.bin = garage_bin()
+class _Node:
+    """One `garage server` process with its own config, ports, data and log."""
+
+    def __init__(self, bin: str, workdir: Path, secret: str, replication: int) -> None:
+        self.bin = bin
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
         rpc, self.s3_port = _free_port(), _free_port()
         self.config = self.dir / "garage.toml"
         self.config.write_text(
             f'metadata_dir = "{self.dir / "meta"}"\ndata_dir = "{self.dir / "data"}"\n'
-            f'db_engine = "sqlite"\nreplication_factor = 1\n'
+            f'db_engine = "sqlite"\nreplication_factor = {replication}\n'
             f'rpc_bind_addr = "127.0.0.1:{rpc}"\nrpc_public_addr = "127.0.0.1:{rpc}"\n'
-            f'rpc_secret = "{secrets.token_hex(32)}"\n'
+            f'rpc_secret = "{secret}"\n'
             f'[s3_api]\ns3_region = "{REGION}"\napi_bind_addr = "127.0.0.1:{self.s3_port}"\n'
             f'root_domain = ".s3.garage.localhost"\n'
         )
@@ -57,36 +61,77 @@ class Garage:
             stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env={**os.environ, "RUST_LOG": "warn"},
         )
-        deadline = time.monotonic() + 30
-        while self._cli("status", check=False).returncode != 0:
+
+    def wait_rpc(self, deadline: float) -> None:
+        while self.cli("status", check=False).returncode != 0:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"garage did not start: {(self.dir / 'garage.log').read_text()}")
             time.sleep(0.1)
-        node = self._cli("node", "id", "-q").stdout.strip().split("@")[0]
-        self._cli("layout", "assign", "-z", "dc1", "-c", "10G", node)
-        self._cli("layout", "apply", "--version", "1")
-        self._cli("bucket", "create", BUCKET)
-        key = self._cli("key", "create", "bench").stdout
-        self.key_id = re.search(r"Key ID:\s*(\S+)", key).group(1)
-        self.secret = re.search(r"Secret key:\s*(\S+)", key).group(1)
-        self._cli("bucket", "allow", "--read", "--write", "--owner", BUCKET, "--key", "bench")
+
+    def wait_s3(self, deadline: float) -> None:
         while True:
             try:
                 with socket.create_connection(("127.0.0.1", self.s3_port), timeout=0.2):
-                    break
+                    return
             except OSError:
                 if time.monotonic() > deadline:
                     raise RuntimeError("garage's S3 port did not open")
                 time.sleep(0.05)
 
-    def _cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         return subprocess.run(
             [self.bin, "-c", str(self.config), *args], capture_output=True, text=True, check=check
         )
 
+    def address(self) -> str:
+        return self.cli("node", "id", "-q").stdout.strip()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+class Garage:
+    """`nodes` Garage nodes with replication factor `nodes`, one bucket, one key."""
+
+    def __init__(self, workdir: Path, nodes: int = 1) -> None:
+        bin = garage_bin()
+        secret = secrets.token_hex(32)
+        deadline = time.monotonic() + 60
+        self.nodes = [
+            _Node(bin, workdir if nodes == 1 else workdir / f"node{i + 1}", secret, nodes)
+            for i in range(nodes)
+        ]
+        try:
+            for n in self.nodes:
+                n.wait_rpc(deadline)
+            first = self.nodes[0]
+            for other in self.nodes[1:]:
+                first.cli("node", "connect", other.address())
+            for i, n in enumerate(self.nodes):
+                first.cli("layout", "assign", "-z", f"dc{i + 1}", "-c", "10G", n.address().split("@")[0])
+            first.cli("layout", "apply", "--version", "1")
+            first.cli("bucket", "create", BUCKET)
+            key = first.cli("key", "create", "bench").stdout
+            self.key_id = re.search(r"Key ID:\s*(\S+)", key).group(1)
+            self.secret = re.search(r"Secret key:\s*(\S+)", key).group(1)
+            first.cli("bucket", "allow", "--read", "--write", "--owner", BUCKET, "--key", "bench")
+            for n in self.nodes:
+                n.wait_s3(deadline)
+        except BaseException:
+            self.stop()
+            raise
+
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.s3_port}"
+        """The S3 API of the first node (every node serves the whole cluster)."""
+        return f"http://127.0.0.1:{self.nodes[0].s3_port}"
 
     def memgate_env(self, prefix: str = "bench/") -> dict[str, str]:
         """Environment that points `memgate serve` at this Garage."""
@@ -101,15 +146,14 @@ class Garage:
             "AWS_SECRET_ACCESS_KEY": self.secret,
         }
 
-    def pid(self) -> int:
-        return self.proc.pid
+    def pids(self) -> list[int]:
+        return [n.proc.pid for n in self.nodes]
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
+        for n in self.nodes:
+            n.stop()
+
+
+def GarageCluster(workdir: Path) -> Garage:
+    """Three nodes, replication factor 3, each in its own zone."""
+    return Garage(workdir, nodes=3)

@@ -9,66 +9,26 @@
 mod support;
 mod support_s3;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
-use memgate::proto::bytestream::WriteRequest;
+use memgate::store::BlobStore;
 use support::{process::Memgate, *};
-use support_s3::{BUCKET, Garage, Kind, Storage};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use support_s3::{
+    BUCKET, Garage, Kind, Storage,
+    replica::{self, Feed, MIB, PART, client, replica, resume, wait_readyz},
+};
 use tonic::Code;
 
-const MIB: usize = 1 << 20;
 const PREFIX: &str = "shared/";
 
-/// A memgate config for `garage`, credentials left to the environment.
-fn s3_config(garage: &Garage) -> String {
-    format!(
-        "[storage]\nbackend = \"s3\"\n[storage.s3]\nendpoint = \"{}\"\nregion = \"garage\"\n\
-         bucket = \"{BUCKET}\"\nprefix = \"{PREFIX}\"\npath_style = true\n\
-         connect_timeout = \"1s\"\nmax_retries = 2\nretry_timeout = \"3s\"\n\
-         health_interval = \"200ms\"\n",
-        garage.endpoint()
-    )
-}
-
+/// A memgate replica on `garage`, keys under [`PREFIX`].
 fn start(garage: &Garage) -> Memgate {
-    Memgate::start_with(
-        tempfile::tempdir().expect("tempdir"),
-        &s3_config(garage),
-        &[
-            ("AWS_ACCESS_KEY_ID", &garage.key_id),
-            ("AWS_SECRET_ACCESS_KEY", &garage.secret),
-        ],
-    )
+    replica(garage.access(), &garage.endpoint(), PREFIX)
 }
 
-/// Polls `/readyz` (bounded) until `ready` holds; returns the body.
-async fn wait_readyz(m: &Memgate, ready: bool) -> String {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let (code, body) = m.http("/readyz").await;
-        if (code == 200) == ready {
-            return body;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "readiness never became {ready}: {code} {body}\n{}",
-            m.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-fn client(
-    m: &Memgate,
-) -> memgate::proto::bytestream::byte_stream_client::ByteStreamClient<tonic::transport::Channel> {
-    bytestream(
-        tonic::transport::Endpoint::from_shared(m.grpc.clone())
-            .expect("url")
-            .connect_lazy(),
-    )
+async fn assert_only_blobs(garage: &Garage) {
+    replica::assert_only_blobs(garage.access(), &garage.endpoint(), PREFIX).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -170,97 +130,261 @@ async fn two_replicas_share_one_bucket() {
     assert_eq!(timed, ok_parts, "every put_part is timed");
 }
 
+/// Issue 17: the store killed (SIGKILL) mid-upload after at least 16 MiB were
+/// acknowledged. The Write ends UNAVAILABLE; while the store is down
+/// QueryWriteStatus is UNAVAILABLE too (not NOT_FOUND); once it is back, the
+/// other replica reports what the store acknowledged, a wrong offset is refused
+/// naming it, the Write resumed from it completes and the blob reads back.
+/// Nothing half-written ever sits under the content address.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_object_store_outage_mid_upload_is_unavailable_and_recoverable() {
+async fn an_object_store_outage_mid_upload_keeps_what_it_acknowledged() {
     let mut garage = Garage::start();
-    let m = start(&garage);
-    wait_readyz(&m, true).await;
-    let mut c = client(&m);
+    let (a, b) = (start(&garage), start(&garage));
+    wait_readyz(&a, true).await;
+    wait_readyz(&b, true).await;
+    let (mut ca, mut cb) = (client(&a), client(&b));
     let before = payload(3 * MIB, 10);
-    upload(&mut c, &before)
+    upload(&mut ca, &before)
         .await
         .expect("upload before the outage");
 
-    // A 64 MiB upload, fed by hand; the store dies after 16 MiB.
+    // A 64 MiB upload through a, fed by hand; the store dies once two parts
+    // (16 MiB) are acknowledged.
     let data = payload(64 * MIB, 11);
     let d = digest(&data);
     let name = write_name(&d);
-    let (tx, rx) = mpsc::channel::<WriteRequest>(2);
-    let mut writer = client(&m);
-    let call = tokio::spawn(async move { writer.write(ReceiverStream::new(rx)).await });
-    let mut requests = write_requests(&name, &data, 0, MIB, true).into_iter();
-    for r in requests.by_ref().take(16) {
-        tx.send(r).await.expect("first 16 MiB");
-    }
+    let mut feed = Feed::start(&a, &name, &data);
+    feed.send(24 * MIB).await;
+    // The other replica sees what the store acknowledged, stream or no stream.
+    wait_for_committed(&mut cb, &name, |c| c >= 16 * MIB as i64).await;
     garage.stop();
     // The rest, for as long as the server takes it; it stops taking it once the
     // upload failed.
-    for r in requests {
-        if tx.send(r).await.is_err() {
-            break;
-        }
-    }
-    drop(tx);
-    let status = call
+    let sent = feed.send_rest().await;
+    let status = feed
+        .result()
         .await
-        .expect("writer task")
         .expect_err("an upload into a dead store cannot succeed");
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     assert!(
-        status.message().contains("object store unavailable"),
+        status.message().contains("object store unavailable")
+            && status.message().contains("QueryWriteStatus"),
         "{status:?}"
     );
 
-    // memgate is live, and says why it is not ready.
-    let (live, _) = m.http("/livez").await;
+    // memgate is live, and says why it is not ready. Asking where the upload
+    // stands is UNAVAILABLE, on either replica: the answer is in the store.
+    let (live, _) = a.http("/livez").await;
     assert_eq!(live, 200);
-    let why = wait_readyz(&m, false).await;
-    assert!(why.contains("storage unavailable"), "/readyz said {why:?}");
+    for m in [&a, &b] {
+        let why = wait_readyz(m, false).await;
+        assert!(why.contains("storage unavailable"), "/readyz said {why:?}");
+    }
+    expect_code(
+        query(&mut cb, &name).await,
+        Code::Unavailable,
+        "QueryWriteStatus during the outage",
+    );
     // Reads fail the same way, without hanging.
     let s = expect_code(
-        read_digest(&mut c, &digest(&before).read_name()).await,
+        read_digest(&mut ca, &digest(&before).read_name()).await,
         Code::Unavailable,
         "Read during the outage",
     );
     assert!(!s.message().is_empty());
 
     garage.restart();
-    wait_readyz(&m, true).await;
+    wait_readyz(&a, true).await;
+    wait_readyz(&b, true).await;
     // Nothing of the failed upload is visible under its content address.
-    let keys = garage.list(PREFIX).await;
     let blob = format!("{PREFIX}blobs/{}", d.hex());
+    let keys = garage.list(PREFIX).await;
     assert!(
         !keys.iter().any(|(k, _)| *k == blob),
         "half-written blob: {keys:?}"
     );
     expect_code(
-        read_digest(&mut c, &d.read_name()).await,
+        read_digest(&mut cb, &d.read_name()).await,
         Code::NotFound,
-        "Read of the failed upload",
+        "Read of the interrupted upload",
     );
-    // What was stored before the outage is intact, and uploads work again.
+
+    // The other replica reports what the store acknowledged.
+    let (committed, complete) = query(&mut cb, &name)
+        .await
+        .expect("QueryWriteStatus after the outage");
+    assert!(!complete);
+    assert!(
+        committed >= 16 * MIB as i64 && committed <= sent as i64,
+        "committed {committed}, sent {sent}"
+    );
     assert_eq!(
-        read_digest(&mut c, &digest(&before).read_name())
+        query(&mut ca, &name).await.expect("QueryWriteStatus via a"),
+        (committed, false),
+        "both replicas see the same state"
+    );
+
+    // A resume at the wrong offset is refused, naming the right one.
+    for wrong in [0, committed - MIB as i64, committed + MIB as i64] {
+        let s = expect_code(
+            resume(&b, &name, &data, wrong as u64).await,
+            Code::InvalidArgument,
+            "Write at a wrong offset",
+        );
+        assert!(
+            s.message().contains(&format!("expected {committed}")),
+            "{s:?}"
+        );
+    }
+    // The resumed Write completes to a verified blob.
+    let done = resume(&b, &name, &data, committed as u64)
+        .await
+        .expect("resumed Write");
+    assert_eq!(done.into_inner().committed_size, data.len() as i64);
+    assert_eq!(read_digest(&mut ca, &d.read_name()).await.expect("Read"), d);
+    // What was stored before the outage is intact, and nothing else is left.
+    assert_eq!(
+        read_digest(&mut cb, &digest(&before).read_name())
             .await
             .expect("old blob"),
         digest(&before)
     );
-    let committed = retry_aborted(|| {
-        let mut c = client(&m);
-        let reqs = write_requests(&name, &data, 0, MIB, true);
-        async move { c.write(tokio_stream::iter(reqs)).await }
-    })
-    .await
-    .expect("the same upload after the store is back");
-    assert_eq!(committed.into_inner().committed_size, data.len() as i64);
-    assert_eq!(read_digest(&mut c, &d.read_name()).await.expect("Read"), d);
-    let unavailable = m
+    assert_only_blobs(&garage).await;
+    let unavailable = a
         .metric(
             "memgate_object_store_requests_total",
             &[("outcome", "unavailable")],
         )
         .await;
     assert!(unavailable >= 1.0, "outage requests counted: {unavailable}");
+}
+
+/// A memgate replica killed (SIGKILL) mid-upload leaves the parts the store
+/// acknowledged: another replica reports them and the upload resumes there.
+/// Such an upload is garbage-collected like any other suspended one: kept
+/// while younger than the expiry, removed once older.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_killed_mid_upload_leaves_what_the_store_acknowledged() {
+    let garage = Garage::start();
+    let (a, b) = (start(&garage), start(&garage));
+    wait_readyz(&a, true).await;
+    wait_readyz(&b, true).await;
+    let mut cb = client(&b);
+
+    // Two uploads running through a when it dies.
+    let (resumed, expiring) = (payload(40 * MIB, 20), payload(20 * MIB + 1, 21));
+    let (rd, ed) = (digest(&resumed), digest(&expiring));
+    let (rname, ename) = (write_name(&rd), write_name(&ed));
+    let mut rfeed = Feed::start(&a, &rname, &resumed);
+    let mut efeed = Feed::start(&a, &ename, &expiring);
+    rfeed.send(24 * MIB).await;
+    efeed.send(12 * MIB).await;
+    // Acknowledged parts, as the other replica sees them: 8 MiB each.
+    wait_for_committed(&mut cb, &rname, |c| c >= 2 * PART as i64).await;
+    wait_for_committed(&mut cb, &ename, |c| c >= PART as i64).await;
+    drop(a);
+    // (What code a client sees for a dead server is its transport's business:
+    // tonic says UNKNOWN "transport error".)
+    for feed in [rfeed, efeed] {
+        feed.result().await.expect_err("the replica died");
+    }
+
+    // Whole parts only: what was still filling a part buffer died with a.
+    let committed = query(&mut cb, &rname).await.expect("QueryWriteStatus").0;
+    let expiring_committed = query(&mut cb, &ename).await.expect("QueryWriteStatus").0;
+    assert!(
+        [2 * PART as i64, 3 * PART as i64].contains(&committed),
+        "committed {committed} of 24 MiB sent"
+    );
+    assert_eq!(expiring_committed, PART as i64, "of 12 MiB sent");
+    assert_eq!(garage.open_uploads(PREFIX).await.len(), 2);
+
+    // Younger than the expiry: kept.
+    let gc = garage.access().store(&garage.endpoint(), PREFIX);
+    assert_eq!(
+        gc.collect_garbage(Duration::from_secs(3600))
+            .await
+            .expect("gc"),
+        0
+    );
+    // One resumes on b (taking its open upload over) and completes.
+    let done = resume(&b, &rname, &resumed, committed as u64)
+        .await
+        .expect("resumed Write");
+    assert_eq!(done.into_inner().committed_size, resumed.len() as i64);
+    assert_eq!(
+        read_digest(&mut cb, &rd.read_name()).await.expect("Read"),
+        rd
+    );
+    // The other, left alone, expires: its parts were last written more than
+    // 50 ms ago once 60 ms have passed (wall-clock age is what is under test).
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    assert_eq!(
+        gc.collect_garbage(Duration::from_millis(50))
+            .await
+            .expect("gc"),
+        1
+    );
+    expect_code(
+        query(&mut cb, &ename).await,
+        Code::NotFound,
+        "QueryWriteStatus of the expired upload",
+    );
+    assert_only_blobs(&garage).await;
+}
+
+/// What Garage 2.5 does with S3's conditional writes, which memgate would use
+/// to let only one of two racing replicas commit (If-None-Match: * creates
+/// only if the key is absent; If-Match: <etag> replaces only that version): it
+/// ignores both headers on PutObject and overwrites. memgate therefore relies
+/// on nothing but its own verification (see docs/storage.md); this test says
+/// so the day a Garage version starts honouring them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garage_2_5_ignores_conditional_writes() {
+    use object_store::{
+        ObjectStore, ObjectStoreExt, PutMode, PutOptions, UpdateVersion, aws::S3ConditionalPut,
+        path::Path as Key,
+    };
+    let garage = Garage::start();
+    let client = object_store::aws::AmazonS3Builder::new()
+        .with_endpoint(garage.endpoint())
+        .with_region("garage")
+        .with_bucket_name(BUCKET)
+        .with_access_key_id(&garage.key_id)
+        .with_secret_access_key(&garage.secret)
+        .with_allow_http(true)
+        .with_conditional_put(S3ConditionalPut::ETagMatch)
+        .build()
+        .expect("S3 client");
+    let key = Key::from("conditional/x");
+    let first = client.put(&key, "one".into()).await.expect("put");
+    let create = PutOptions {
+        mode: PutMode::Create,
+        ..PutOptions::default()
+    };
+    client
+        .put_opts(&key, "two".into(), create)
+        .await
+        .expect("If-None-Match: * on an existing key: AWS refuses it (412), Garage 2.5 does not");
+    let stale = PutOptions {
+        mode: PutMode::Update(UpdateVersion {
+            e_tag: first.e_tag.clone(),
+            version: None,
+        }),
+        ..PutOptions::default()
+    };
+    client
+        .put_opts(&key, "three".into(), stale)
+        .await
+        .expect("If-Match with a replaced ETag: AWS refuses it (412), Garage 2.5 does not");
+    let now = client
+        .get(&key)
+        .await
+        .expect("get")
+        .bytes()
+        .await
+        .expect("body");
+    assert_eq!(&now[..], b"three", "every conditional put overwrote");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
