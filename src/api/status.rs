@@ -22,7 +22,7 @@ impl From<StoreError> for Status {
             | StoreError::Overflow { .. }
             | StoreError::TooLarge { .. } => Code::InvalidArgument,
             StoreError::Busy(_) => Code::Aborted,
-            StoreError::Unavailable { .. } => Code::Unavailable,
+            StoreError::Unavailable { .. } | StoreError::Releasing(_) => Code::Unavailable,
             StoreError::Denied { .. } => Code::PermissionDenied,
             StoreError::Throttled { .. } => {
                 // gRFC A6: tell the client when to come back.

@@ -21,7 +21,7 @@ pub use space::{DiskSpace, Reservation, SpaceReading, is_disk_full, statvfs};
 
 use super::{
     BlobStore, ReadStream, Result, StoreError, cache,
-    upload::{ActiveUploads, CHANNEL_CHUNKS, Upload},
+    upload::{ActiveUploads, CHANNEL_CHUNKS, UPLOAD_QUEUE, Upload},
     writer,
 };
 use crate::api::resource::{Digest, WriteName};
@@ -164,8 +164,9 @@ impl BlobStore for LocalStore {
         let lock = self
             .inner
             .active
-            .try_lock(&key)
-            .ok_or_else(|| StoreError::Busy(name_of(name)))?;
+            .lock(&key)
+            .await
+            .map_err(|c| c.into_error(name_of(name)))?;
         let partial = self.partial_path(&key);
         let declared = name.digest.size;
         let space = self.inner.space.clone();
@@ -219,6 +220,7 @@ impl BlobStore for LocalStore {
         })
         .await
         .expect("upload open task panicked")?;
+        let marker = lock.marker(len);
         let target = writer::Target {
             expected: name.digest,
             partial,
@@ -226,16 +228,28 @@ impl BlobStore for LocalStore {
             space: reservation,
             lock,
         };
-        let (tx, rx) = mpsc::channel(CHANNEL_CHUNKS);
+        let (tx, rx) = mpsc::channel(UPLOAD_QUEUE);
         let task = tokio::task::spawn_blocking(move || writer::run(file, hasher, len, target, rx));
-        Ok(Upload::new(tx, task, len, name.digest.size))
+        Ok(Upload::new(tx, task, len, name.digest.size, marker))
     }
 
     async fn query_write_status(&self, name: &WriteName) -> Result<(u64, bool)> {
         if self.contains(&name.digest).await? {
             return Ok((name.digest.size, true));
         }
-        match tokio::fs::metadata(self.partial_path(&Self::upload_key(name))).await {
+        let key = Self::upload_key(name);
+        // A stream that just ended may still be writing its last chunk: wait for
+        // it, so the answer is where a resumed Write must start. A live stream's
+        // partial file grows as it goes, and its length is what is durable.
+        self.inner
+            .active
+            .settle(&key)
+            .await
+            .map_err(|c| c.into_error(name_of(name)))?;
+        if self.contains(&name.digest).await? {
+            return Ok((name.digest.size, true));
+        }
+        match tokio::fs::metadata(self.partial_path(&key)).await {
             Ok(m) => Ok((m.len(), false)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 Err(StoreError::UploadNotFound(name_of(name)))
@@ -289,7 +303,7 @@ fn gc(inner: &Inner, expiry: Duration, now: SystemTime) -> Result<usize> {
             continue;
         };
         let active = inner.active.set();
-        if active.contains(key) {
+        if active.contains_key(key) {
             continue;
         }
         let idle = entry

@@ -122,6 +122,12 @@ pub enum StoreError {
     TooLarge { size: u64, max: u64 },
     #[error("another Write stream is active for upload {0}")]
     Busy(String),
+    /// The previous stream of this upload ended but is still making what it
+    /// received durable; retrying in a moment succeeds.
+    #[error(
+        "the previous Write stream for upload {0} is still saving what it received; retry in a moment"
+    )]
+    Releasing(String),
     #[error("{context}: {source}")]
     Io {
         context: String,

@@ -61,9 +61,12 @@ pub(super) fn rehash(file: &mut File, len: u64) -> std::io::Result<Sha256> {
     Ok(hasher)
 }
 
-/// Chunks queued for the hashing thread. Hashing (about 1 GB/s with SHA-NI) and
-/// writing run side by side; two chunks keep both busy and bound the memory.
-const HASH_QUEUE: usize = 2;
+/// Chunks queued for the hashing thread: none, a hand-over. Hashing (about
+/// 1 GB/s with SHA-NI) and writing still run side by side on the same chunk,
+/// but the hasher, slower than a page-cache write, can no longer fall chunks
+/// behind and keep them alive: the writer holds at most the chunk being hashed
+/// and the next one, which is what the guard reserves for.
+const HASH_QUEUE: usize = 0;
 
 /// Runs until a `Finish` arrives or the channel closes (client gone: fsync and keep
 /// the partial data for resume). Hashing runs on a second thread beside the writes.

@@ -359,50 +359,6 @@ pub async fn wait_for_committed(
     }
 }
 
-/// Polls QueryWriteStatus (bounded) until `committed_size` has not changed for
-/// `STABLE` consecutive polls: the server has written out what it received.
-pub async fn wait_committed_stable(client: &mut ByteStreamClient<Channel>, name: &str) -> i64 {
-    const STABLE: usize = 20;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut last = None;
-    let mut same = 0;
-    loop {
-        let now = query(client, name).await.expect("QueryWriteStatus").0;
-        if last == Some(now) {
-            same += 1;
-            if same >= STABLE {
-                return now;
-            }
-        } else {
-            same = 0;
-            last = Some(now);
-        }
-        assert!(
-            Instant::now() < deadline,
-            "committed size of {name} never settled"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-/// Retries `op` (bounded) while it fails with ABORTED: the upload is still locked by
-/// a stream that disconnected and whose data is being fsynced.
-pub async fn retry_aborted<T, F, Fut>(mut op: F) -> Result<T, Status>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, Status>>,
-{
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        match op().await {
-            Err(s) if s.code() == Code::Aborted && Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            other => return other,
-        }
-    }
-}
-
 /// Unwraps the error of `r`, asserting its code; returns the status for more checks.
 #[track_caller]
 pub fn expect_code<T: std::fmt::Debug>(r: Result<T, Status>, code: Code, what: &str) -> Status {

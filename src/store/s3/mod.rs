@@ -67,7 +67,7 @@ use self::{
 use super::{
     BlobStore, ReadStream, Result, StoreError,
     local::name_of,
-    upload::{ActiveUploads, CHANNEL_CHUNKS, Upload},
+    upload::{ActiveUploads, UPLOAD_QUEUE, Upload},
 };
 use crate::api::resource::{Digest, WriteName};
 use crate::config::{Backend, StorageConfig};
@@ -163,7 +163,7 @@ impl S3Store {
     /// `uploads/{id}/{generation}` belongs to.
     fn is_active_here(&self, staging: &Path) -> bool {
         let id = staging.parts().rev().nth(1);
-        id.is_some_and(|id| self.inner.active.set().contains(id.as_ref()))
+        id.is_some_and(|id| self.inner.active.set().contains_key(id.as_ref()))
     }
 
     /// Every multipart upload open under the prefix, with the bytes the store
@@ -347,8 +347,9 @@ impl BlobStore for S3Store {
         let lock = self
             .inner
             .active
-            .try_lock(&id)
-            .ok_or_else(|| StoreError::Busy(name_of(name)))?;
+            .lock(&id)
+            .await
+            .map_err(|c| c.into_error(name_of(name)))?;
         let state = self.upload_state(&id).await?;
         let committed = state.committed();
         if offset != committed {
@@ -384,6 +385,7 @@ impl BlobStore for S3Store {
                 return Err(e);
             }
         }
+        let marker = lock.marker(committed);
         let target = Target {
             store: self.clone(),
             expected: name.digest,
@@ -391,9 +393,9 @@ impl BlobStore for S3Store {
             committed,
             _lock: lock,
         };
-        let (tx, rx) = mpsc::channel(CHANNEL_CHUNKS);
+        let (tx, rx) = mpsc::channel(UPLOAD_QUEUE);
         let task = tokio::spawn(run(m, hashing, target, rx));
-        Ok(Upload::new(tx, task, committed, name.digest.size))
+        Ok(Upload::new(tx, task, committed, name.digest.size, marker))
     }
 
     async fn query_write_status(&self, name: &WriteName) -> Result<(u64, bool)> {
@@ -401,12 +403,22 @@ impl BlobStore for S3Store {
             return Ok((name.digest.size, true));
         }
         let id = upload_id(name);
-        let mut state = self.upload_state(&id).await?;
-        if self.inner.active.set().contains(&id) {
-            // A stream running here owns the open upload and changes it as it
-            // goes: report what it started from until it ends, as before it began.
-            state.open.clear();
+        // A stream that just ended is still staging what it received: wait for
+        // it. One that keeps running here holds its bytes in its open multipart
+        // upload, which the store does not list yet: report what it received.
+        let running = self
+            .inner
+            .active
+            .settle(&id)
+            .await
+            .map_err(|c| c.into_error(name_of(name)))?;
+        if let Some(received) = running {
+            return Ok((received, false));
         }
+        if self.contains(&name.digest).await? {
+            return Ok((name.digest.size, true));
+        }
+        let state = self.upload_state(&id).await?;
         // Nothing durable yet is the same as no upload: the client starts at 0.
         match state.committed() {
             0 => Err(StoreError::UploadNotFound(name_of(name))),
