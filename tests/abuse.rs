@@ -7,13 +7,14 @@
 //! loopback address (all of 127.0.0.0/8 is loopback on Linux). The guard reads
 //! a fake cgroup, so the budget is exact whatever this machine's memory.
 
+#[path = "support/guarded.rs"]
+mod guarded;
 mod support;
 #[path = "support_fakecg/mod.rs"]
 mod support_fakecg;
 mod support_s3;
 
 use std::{
-    net::{IpAddr, SocketAddr},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -23,226 +24,19 @@ use std::{
 
 use bytes::Bytes;
 use bytesize::ByteSize;
+use guarded::*;
 use http_body::Frame;
 use http_body_util::BodyExt;
-use hyper_util::rt::TokioIo;
-use memgate::{
-    admin::metrics::Metrics,
-    config::Config,
-    guard::{
-        Guard,
-        budget::BudgetView,
-        estimate::{Estimate, Estimator},
-    },
-    proto::bytestream::{ReadRequest, WriteRequest, byte_stream_client::ByteStreamClient},
-    server::{STREAM_WINDOW, method_table, serve_with_guard},
-};
+use memgate::proto::bytestream::{ReadRequest, WriteRequest, byte_stream_client::ByteStreamClient};
 use support::{
-    bytestream, digest, payload, read_digest, retry_aborted, wait_for_committed, write_name,
-    write_requests,
+    bytestream, digest, payload, read_digest, wait_for_committed, write_name, write_requests,
 };
-use support_fakecg::{FakeCgroup, MIB};
+use support_fakecg::MIB;
 use support_s3::{Kind, Storage};
-use tokio::{net::TcpSocket, sync::mpsc, sync::oneshot, task::JoinHandle};
+use tokio::{sync::mpsc, task::JoinHandle};
 use tokio_stream::{StreamExt, wrappers::ReceiverStream};
-use tonic::{
-    Code, Status,
-    transport::{Channel, Endpoint},
-};
+use tonic::{Code, Status, transport::Channel};
 use tower::{Service, ServiceExt};
-
-/// Two clients: two peer addresses.
-const CLIENT_A: [u8; 4] = [127, 0, 0, 1];
-const CLIENT_B: [u8; 4] = [127, 0, 0, 2];
-const WRITE: &str = "/google.bytestream.ByteStream/Write";
-const IDLE: Duration = Duration::from_secs(1);
-
-struct Server {
-    addr: SocketAddr,
-    cfg: Config,
-    guard: Guard,
-    /// The guard's observer: admissions and cuts.
-    metrics: Metrics,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<anyhow::Result<()>>>,
-    _cg: FakeCgroup,
-    _data: tempfile::TempDir,
-}
-
-impl Server {
-    /// A server whose guard sees a memory limit of `limit` with 8 MiB in use, a
-    /// 4 MiB reserve, a 10 s queue timeout and a 1 s `stream_idle_timeout`
-    /// (no throughput minimum), unless `tweak` says otherwise.
-    async fn start(limit: u64, storage: Option<&Storage>, tweak: impl FnOnce(&mut Config)) -> Self {
-        let cg = FakeCgroup::new(limit, 8 * MIB);
-        let data = tempfile::tempdir().unwrap();
-        let mut cfg = Config::default();
-        cfg.storage.data_dir = data.path().to_path_buf();
-        if let Some(s) = storage {
-            s.configure(&mut cfg);
-        }
-        cfg.memory.reserve = ByteSize::mib(4);
-        cfg.memory.poll_interval = Duration::from_millis(10);
-        cfg.memory.queue_timeout = Duration::from_secs(10);
-        cfg.server.stream_idle_timeout = IDLE;
-        cfg.server.min_throughput = ByteSize::b(0);
-        tweak(&mut cfg);
-        cfg.validate().expect("valid test config");
-        let metrics = Metrics::new();
-        let guard = Guard::start_with_observer(
-            cfg.memory.clone(),
-            cg.roots(),
-            STREAM_WINDOW as u64,
-            Arc::new(metrics.clone()),
-        )
-        .await;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let (g, c) = (guard.clone(), cfg.clone());
-        let task = tokio::spawn(async move {
-            serve_with_guard(&c, g, listener, async {
-                let _ = stopped.await;
-            })
-            .await
-        });
-        Self {
-            addr,
-            cfg,
-            guard,
-            metrics,
-            stop: Some(stop),
-            task: Some(task),
-            _cg: cg,
-            _data: data,
-        }
-    }
-
-    /// A channel (its own connection) dialled from `local`, with the CLI
-    /// client's windows. Lazy: it connects on the first call.
-    fn channel_from(&self, local: [u8; 4]) -> Channel {
-        let (server, local) = (self.addr, IpAddr::from(local));
-        Endpoint::from_shared(format!("http://{server}"))
-            .unwrap()
-            .initial_stream_window_size(1 << 20)
-            .initial_connection_window_size(16 << 20)
-            .connect_with_connector_lazy(tower::service_fn(move |_: http::Uri| async move {
-                let socket = TcpSocket::new_v4()?;
-                socket.bind(SocketAddr::new(local, 0))?;
-                let stream = socket.connect(server).await?;
-                stream.set_nodelay(true)?;
-                Ok::<_, std::io::Error>(TokioIo::new(stream))
-            }))
-    }
-
-    /// What a Write reserves.
-    fn write_reservation(&self) -> u64 {
-        match method_table(&self.cfg).classify(WRITE).estimate {
-            Estimate::Fixed(n) => n,
-            other => panic!("Write estimate {other:?}"),
-        }
-    }
-
-    /// `memgate_streams_cut_total{method, reason}`.
-    fn cuts(&self, method: &str, reason: &str) -> u64 {
-        let text = self.metrics.encode(&self.guard);
-        let series =
-            format!("memgate_streams_cut_total{{method=\"{method}\",reason=\"{reason}\"}} ");
-        text.lines()
-            .find_map(|l| l.strip_prefix(&series))
-            .map_or(0, |v| v.trim().parse().expect("a counter value"))
-    }
-
-    /// Waits (bounded) until `cond` holds for the budget view.
-    async fn until(&self, what: &str, cond: impl Fn(&BudgetView) -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !cond(&self.guard.view()) {
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}: {:?}",
-                self.guard.view()
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
-
-    async fn stop(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        tokio::time::timeout(Duration::from_secs(20), self.task.take().unwrap())
-            .await
-            .expect("server stopped")
-            .unwrap()
-            .unwrap();
-    }
-}
-
-impl Drop for Server {
-    /// A test that panicked before `stop()`.
-    fn drop(&mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        if let Some(task) = self.task.take() {
-            task.abort();
-        }
-    }
-}
-
-/// A Write that sends `reqs` and then nothing, its stream left open until
-/// `tx` is dropped. The task returns the outcome and how long the call took.
-struct Stalled {
-    tx: mpsc::Sender<WriteRequest>,
-    task: JoinHandle<(Result<i64, Status>, Duration)>,
-}
-
-fn stall(ch: Channel, reqs: Vec<WriteRequest>) -> Stalled {
-    let (tx, rx) = mpsc::channel(reqs.len() + 1);
-    for r in reqs {
-        tx.try_send(r).expect("room for every request");
-    }
-    let task = tokio::spawn(async move {
-        let start = Instant::now();
-        let r = bytestream(ch)
-            .write(ReceiverStream::new(rx))
-            .await
-            .map(|r| r.into_inner().committed_size);
-        (r, start.elapsed())
-    });
-    Stalled { tx, task }
-}
-
-fn pushback(s: &Status) -> Option<Duration> {
-    let ms: u64 = s
-        .metadata()
-        .get("grpc-retry-pushback-ms")?
-        .to_str()
-        .ok()?
-        .parse()
-        .ok()?;
-    Some(Duration::from_millis(ms))
-}
-
-/// Uploads `data` under a fresh name, retrying (bounded) after RESOURCE_EXHAUSTED
-/// with the server's pushback, as a well-behaved client does. Returns the
-/// number of attempts.
-async fn upload_politely(ch: Channel, data: &Bytes) -> usize {
-    let d = digest(data);
-    for attempt in 1..=100 {
-        let name = write_name(&d);
-        let reqs = write_requests(&name, data, 0, MIB as usize, true);
-        match bytestream(ch.clone()).write(tokio_stream::iter(reqs)).await {
-            Ok(r) => {
-                assert_eq!(r.into_inner().committed_size, data.len() as i64);
-                return attempt;
-            }
-            Err(s) if s.code() == Code::ResourceExhausted => {
-                tokio::time::sleep(pushback(&s).unwrap_or(Duration::from_millis(250))).await;
-            }
-            Err(s) => panic!("upload failed: {s:?}"),
-        }
-    }
-    panic!("upload still refused after 100 attempts");
-}
 
 fn assert_cut(status: &Status, message: &str) {
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
@@ -257,14 +51,19 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
-/// 32 uploads send 1 KiB each and stall, more than the budget holds; a
+/// 64 uploads send 1 KiB each and stall, more than the budget holds; a
 /// well-behaved client's 150 MB upload still completes, because the stalled
 /// ones are cut after the idle timeout, and every reservation comes back.
+/// The watchdog alone: reclaiming (tests/contention.rs) is off here.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_client_attack_is_cut_and_a_good_upload_completes() {
-    const ATTACKERS: usize = 32;
-    // Budget: 256 MiB × 0.85 − 4 MiB ≈ 213 MiB, ten 20 MiB Write reservations.
-    let s = Server::start(256 * MIB, None, |_| {}).await;
+    const ATTACKERS: usize = 64;
+    // Budget: 128 MiB × 0.85 − 4 MiB ≈ 105 MiB, 24 Write reservations of 4.3 MiB.
+    let s = Server::start(128 * MIB, None, |c| {
+        c.memory.reclaim_grace = Duration::ZERO;
+        c.memory.max_client_share = 1.0;
+    })
+    .await;
     let write = s.write_reservation();
     let budget = s.guard.view().budget;
     assert!(
@@ -287,10 +86,9 @@ async fn a_slow_client_attack_is_cut_and_a_good_upload_completes() {
             )
         })
         .collect();
-    s.until("the attackers to fill the budget", |v| {
-        v.reserved + write > v.budget
-    })
-    .await;
+    // Full: the next attacker had to wait (admitted calls leave the wait room).
+    s.until("the attackers to fill the budget", |v| v.waiting > 0)
+        .await;
     let full = started.elapsed();
 
     // The victim, from another address, uploads 150 MB and retries on pushback.
@@ -323,8 +121,14 @@ async fn a_slow_client_attack_is_cut_and_a_good_upload_completes() {
         cut.first(),
         cut.last()
     );
-    // Every attacker that held memory was cut: at least as many as fit the budget.
-    assert!(cut.len() as u64 >= budget / write, "only {} cut", cut.len());
+    // Every attacker that held memory was cut: at least as many as fit the
+    // budget beside what is in use and the wait room admitted calls leave.
+    let room = memgate::guard::budget::Limits::wait_room_for(
+        memgate::server::STREAM_WINDOW as u64,
+        budget,
+    );
+    let fit = (budget - s.guard.view().baseline - room) / write;
+    assert!(cut.len() as u64 >= fit, "only {} cut, {fit} fit", cut.len());
     assert_eq!(s.cuts(WRITE, "request_idle"), cut.len() as u64);
     // Cut promptly: the first wave one idle timeout after they stalled.
     assert!(
@@ -366,12 +170,11 @@ async fn a_cut_upload_resumes(kind: Kind) {
     // handler is dropped, so poll for it).
     let committed = wait_for_committed(&mut c, &name, |n| n == sent as i64).await;
     let rest = data.slice(sent..);
-    let resp = retry_aborted(|| {
+    let resp = {
         let mut c = c.clone();
         let reqs = write_requests(&name, &rest, committed as u64, MIB as usize, true);
-        async move { c.write(tokio_stream::iter(reqs)).await }
-    })
-    .await
+        c.write(tokio_stream::iter(reqs)).await
+    }
     .expect("the resumed Write");
     assert_eq!(resp.into_inner().committed_size, data.len() as i64);
     assert_eq!(read_digest(&mut c, &d.read_name()).await.expect("Read"), d);
@@ -618,13 +421,13 @@ fn flood_upload(base: &Bytes, n: u64) -> impl tokio_stream::Stream<Item = WriteR
 async fn a_flooding_client_does_not_starve_a_trickle() {
     const FLOOD: usize = 12;
     const TRICKLE: usize = 12;
-    // Budget: 160 MiB × 0.85 − 4 MiB = 132 MiB: six 20 MiB Writes.
-    let s = Server::start(160 * MIB, None, |c| {
+    // Budget: 80 MiB × 0.85 − 4 MiB = 64 MiB: nine 7 MiB Writes (1 MiB messages).
+    let s = Server::start(80 * MIB, None, |c| {
         // Not under test here; a loaded machine may pause a client briefly.
         c.server.stream_idle_timeout = Duration::from_secs(10);
     })
     .await;
-    let write = s.write_reservation();
+    let write = s.write_reservation_with(MIB);
     assert!(FLOOD as u64 * write > s.guard.view().budget);
 
     let base = payload(150_000_000, 31);
@@ -657,10 +460,8 @@ async fn a_flooding_client_does_not_starve_a_trickle() {
             })
         })
         .collect();
-    s.until("the flood to fill the budget", |v| {
-        v.reserved + write > v.budget
-    })
-    .await;
+    s.until("the flood to fill the budget", |v| v.waiting > 0)
+        .await;
     assert!(
         s.guard.budget().client_held("127.0.0.1") > 0,
         "the flood is 127.0.0.1"
