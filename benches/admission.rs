@@ -39,6 +39,7 @@ fn decision_cost() -> f64 {
         small_request: 32 * MIB,
         wait_charge: MIB,
         client_share: 1.0,
+        wait_room: Limits::wait_room_for(MIB, 800 * MIB),
     };
     let budget = Budget::new(limits, |_| {});
     budget.observe(50 * MIB, limits);

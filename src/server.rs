@@ -50,9 +50,15 @@ pub const CONNECTION_WINDOW: u32 = STREAM_WINDOW * MAX_CONCURRENT_STREAMS;
 /// ~10,000 frames, each handled and copied separately, per 150 MB upload.
 pub const MAX_FRAME_SIZE: u32 = 256 * 1024;
 
-/// Chunks a Write stream may hold at once: one being decoded, one being written,
-/// and the store's queue of two. Each is at most [`MAX_STREAM_MESSAGE`].
-const WRITE_CHUNKS_IN_FLIGHT: u64 = 4;
+/// Messages a Write stream may hold at once: the one in the store's queue
+/// (`UPLOAD_QUEUE`), the one being written and hashed, and the one tonic is
+/// decoding (the handler reads the next message only once the queue has room).
+/// Each is at most [`MAX_STREAM_MESSAGE`]; the reservation follows the largest
+/// seen (see [`Estimate::Stream`]).
+const WRITE_MESSAGES_IN_FLIGHT: u64 = 3;
+/// What a Write reserves per message before its first prefix is read: small
+/// messages cost no more than this.
+const FIRST_MESSAGE: u64 = 64 * 1024;
 /// A unary call's fixed costs besides its message: headers, the response, tonic's
 /// first decode buffer.
 const UNARY_OVERHEAD: u64 = 256 * 1024;
@@ -77,9 +83,13 @@ pub fn method_table(cfg: &Config) -> MethodTable {
         // The HTTP/2 window hyper may buffer plus the chunks in flight: never the blob size.
         .method(
             "/google.bytestream.ByteStream/Write",
-            Estimate::Fixed(
-                window + WRITE_CHUNKS_IN_FLIGHT * MAX_STREAM_MESSAGE as u64 + part_buffers,
-            ),
+            Estimate::Stream {
+                window,
+                messages: WRITE_MESSAGES_IN_FLIGHT,
+                first: FIRST_MESSAGE,
+                overhead: SMALL_CALL + part_buffers,
+                compressed: MAX_STREAM_MESSAGE as u64,
+            },
         )
         // The store's read-ahead (two chunks), one being encoded, and the send window.
         .method(

@@ -48,6 +48,7 @@ fn limits(budget: u64) -> Limits {
         small_request: 2 * MIB,
         wait_charge: MIB,
         client_share: 0.5,
+        wait_room: Limits::wait_room_for(MIB, budget),
     }
 }
 

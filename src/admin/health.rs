@@ -75,6 +75,9 @@ pub struct Inputs<'a> {
     pub storage_problem: Option<&'a str>,
     pub shutting_down: bool,
     pub pressure: Pressure,
+    /// Bytes the reservations and working set exceed the budget by (a limit
+    /// that shrank under them); the guard is reclaiming them.
+    pub overcommitted: u64,
     /// How long pressure has been below critical (zero while critical).
     pub calm_for: Duration,
     /// Age of the guard's latest reading, and the interval it should refresh at.
@@ -109,6 +112,12 @@ pub fn evaluate(i: Inputs<'_>) -> HealthState {
         Probe::fail("starting".into())
     } else if let Some(problem) = i.storage_problem {
         Probe::fail(format!("storage unavailable: {problem}"))
+    } else if i.overcommitted > 0 {
+        Probe::fail(format!(
+            "memory limit below what is in use: {:.1} MiB over the budget, reclaiming; \
+             not admitting new work",
+            i.overcommitted as f64 / (1024.0 * 1024.0)
+        ))
     } else if i.pressure == Pressure::Critical {
         Probe::fail("memory pressure critical: not admitting new work".into())
     } else if i.calm_for < READY_HOLD {
@@ -267,6 +276,7 @@ impl Health {
                     storage_problem: storage_problem.as_deref(),
                     shutting_down: health.inner.shutting_down.load(Ordering::SeqCst),
                     pressure,
+                    overcommitted: guard.budget().overcommitted(),
                     calm_for: calm_since.map_or(Duration::ZERO, |t| now - t),
                     sample_age: guard.snapshot().taken_at.elapsed(),
                     poll_interval: guard.settings().poll_interval,
@@ -291,6 +301,7 @@ mod tests {
             storage_problem: None,
             shutting_down: false,
             pressure: Pressure::Normal,
+            overcommitted: 0,
             calm_for: Duration::from_secs(60),
             sample_age: Duration::from_millis(50),
             poll_interval: Duration::from_millis(100),
@@ -314,6 +325,17 @@ mod tests {
         });
         assert!(s.live.ok, "pressure never fails liveness");
         assert!(!s.ready.ok && s.ready.reason.contains("critical"));
+        let s = evaluate(Inputs {
+            pressure: Pressure::Critical,
+            overcommitted: 3 << 20,
+            calm_for: Duration::ZERO,
+            ..base()
+        });
+        assert!(s.live.ok, "a shrunk limit never fails liveness");
+        assert!(
+            !s.ready.ok && s.ready.reason.contains("3.0 MiB over the budget"),
+            "{s:?}"
+        );
         let s = evaluate(Inputs {
             pressure: Pressure::Elevated,
             calm_for: Duration::from_millis(300),

@@ -92,6 +92,8 @@ struct Inner {
     queued: Family<MethodLabel, Counter>,
     rejected: Family<MethodReason, Counter>,
     cut: Family<MethodReason, Counter>,
+    reclaimed: Family<MethodReason, Counter>,
+    reclaimed_bytes: Family<MethodReason, Counter>,
     wait: Histograms<MethodLabel>,
     reserved: Family<MethodLabel, Counter>,
     in_flight: Family<MethodLabel, Gauge>,
@@ -140,6 +142,22 @@ impl Metrics {
             "Calls cut with DEADLINE_EXCEEDED because the client stopped sending or reading \
              (request_idle, response_idle) or was below server.min_throughput (request_slow, response_slow)",
             cut.clone(),
+        );
+        let reclaimed = Family::default();
+        r.register(
+            "memory_reclaimed",
+            "Calls ended with RESOURCE_EXHAUSTED to give their memory to waiting calls, by reason: \
+             share (their client held more than memory.max_client_share while others waited), \
+             idle (no data for memory.reclaim_grace while calls waited), overcommit (the limit \
+             fell below what was reserved)",
+            reclaimed.clone(),
+        );
+        let reclaimed_bytes = Family::default();
+        r.register_with_unit(
+            "memory_reclaimed",
+            "Bytes of reservations reclaimed, by reason (see memgate_memory_reclaimed_total)",
+            Unit::Bytes,
+            reclaimed_bytes.clone(),
         );
         let wait: Histograms<MethodLabel> =
             Family::new_with_constructor(|| Histogram::new(WAIT_BUCKETS));
@@ -216,6 +234,8 @@ impl Metrics {
             queued,
             rejected,
             cut,
+            reclaimed,
+            reclaimed_bytes,
             wait,
             reserved,
             in_flight,
@@ -368,6 +388,15 @@ impl AdmissionObserver for Metrics {
     fn stream_cut(&self, method: &'static str, reason: &'static str) {
         let labels = MethodReason { method, reason };
         self.inner.cut.get_or_create(&labels).inc();
+    }
+
+    fn reclaimed(&self, method: &'static str, reason: &'static str, bytes: u64) {
+        let labels = MethodReason { method, reason };
+        self.inner.reclaimed.get_or_create(&labels).inc();
+        self.inner
+            .reclaimed_bytes
+            .get_or_create(&labels)
+            .inc_by(bytes);
     }
 }
 

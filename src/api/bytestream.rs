@@ -137,6 +137,10 @@ impl ByteStream for ByteStreamService {
                     committed_size: committed as i64,
                 }));
             }
+            // The next message is decoded only once the store can take it.
+            if let Err(e) = upload.ready().await {
+                return Err(e.into());
+            }
             match stream.message().await {
                 Ok(Some(next)) => msg = next,
                 // Half-closed without finish_write: a deliberate pause, resumable later.

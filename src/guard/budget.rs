@@ -53,6 +53,9 @@ impl Pressure {
 
 /// A level is left only once usage falls this share of the budget below its watermark.
 const HYSTERESIS: f64 = 0.05;
+/// Wait charges the wait room holds (see [`Limits::wait_room`]): enough for a
+/// few clients to wait at once; more wait in the rest of the budget if it fits.
+pub const WAIT_ROOM_CHARGES: u64 = 4;
 
 /// Limits derived from the memory limit and the `[memory]` settings.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -71,6 +74,10 @@ pub struct Limits {
     /// Share of the budget, in (0, 1], one client may hold while others wait;
     /// also its share of the wait queue.
     pub client_share: f64,
+    /// Bytes of the budget kept for wait charges: admitted calls never take
+    /// them, so a call can always wait (and be served by a reclaim) even when
+    /// the calls holding memory filled the rest. 0 keeps no room.
+    pub wait_room: u64,
 }
 
 impl Limits {
@@ -85,6 +92,14 @@ impl Limits {
             return u64::MAX;
         }
         (self.budget as f64 * self.client_share.max(0.0)) as u64
+    }
+
+    /// The wait room for `wait_charge` and `budget`: [`WAIT_ROOM_CHARGES`]
+    /// charges, at most an eighth of the budget.
+    pub fn wait_room_for(wait_charge: u64, budget: u64) -> u64 {
+        wait_charge
+            .saturating_mul(WAIT_ROOM_CHARGES)
+            .min(budget / 8)
     }
 
     /// Calls one client may have waiting: its share of `queue_max`, at least one.
@@ -175,6 +190,14 @@ pub struct BudgetView {
     pub reserved: u64,
     pub waiting: usize,
     pub pressure: Pressure,
+    /// Of `reserved`, what waiting calls hold as wait charges.
+    pub charges: u64,
+    /// Clients holding memory.
+    pub clients: usize,
+    /// What the client holding most holds (wait charges not included).
+    pub largest_client: u64,
+    /// Bytes over the budget (see [`Budget::overcommitted`]).
+    pub overcommitted: u64,
 }
 
 /// The shared budget. Cheap to clone.
@@ -187,6 +210,8 @@ struct Inner {
     state: Mutex<State>,
     /// Called with the size of each released permit (purge after large requests).
     on_release: Box<dyn Fn(u64) + Send + Sync>,
+    /// Notified when a call starts waiting or the budget is exceeded.
+    demand: tokio::sync::Notify,
 }
 
 struct State {
@@ -321,8 +346,35 @@ impl State {
         self.used.max(self.baseline.saturating_add(self.reserved))
     }
 
+    /// The part of the wait room no charge uses yet: admitted calls leave it free.
+    fn room_left(&self) -> u64 {
+        self.limits.wait_room.saturating_sub(self.charges)
+    }
+
+    /// Whether a call of `bytes` may be admitted (the wait room kept free).
     fn fits(&self, bytes: u64) -> bool {
-        self.committed().saturating_add(bytes) <= self.limits.budget
+        self.fits_after_releasing(0, bytes)
+    }
+
+    /// Whether a wait charge of `charge` fits: in the wait room, else in the budget.
+    fn fits_charge(&self, charge: u64) -> bool {
+        charge <= self.room_left() || self.fits(charge)
+    }
+
+    /// [`State::fits_charge`] once `evicted` bytes of other waiters' charges go.
+    fn fits_charge_after_evicting(&self, evicted: u64, charge: u64) -> bool {
+        let charges = self.charges.saturating_sub(evicted);
+        let room_left = self.limits.wait_room.saturating_sub(charges);
+        let reserved = self.reserved.saturating_sub(evicted);
+        let committed = self.used.max(self.baseline.saturating_add(reserved));
+        charge <= room_left
+            || committed.saturating_add(room_left).saturating_add(charge) <= self.limits.budget
+    }
+
+    /// Bytes over the budget: reservations and the working set beyond a budget
+    /// that shrank (a lower limit), what reclaiming must give back.
+    pub(super) fn overcommitted(&self) -> u64 {
+        self.committed().saturating_sub(self.limits.budget)
     }
 
     fn available(&self) -> u64 {
@@ -363,11 +415,17 @@ impl State {
         held > 0 && held.saturating_add(bytes) > self.limits.client_cap()
     }
 
-    /// Whether `bytes` would fit once `release` bytes of reservations go.
+    /// Whether a call of `bytes` would fit once a waiter's charge of `release`
+    /// bytes goes (it becomes part of the call's reservation), the wait room
+    /// kept free for the other waiters.
     fn fits_after_releasing(&self, release: u64, bytes: u64) -> bool {
         let reserved = self.reserved.saturating_sub(release);
+        let room_left = self
+            .limits
+            .wait_room
+            .saturating_sub(self.charges.saturating_sub(release));
         let committed = self.used.max(self.baseline.saturating_add(reserved));
-        committed.saturating_add(bytes) <= self.limits.budget
+        committed.saturating_add(room_left).saturating_add(bytes) <= self.limits.budget
     }
 
     fn waiting(&self) -> usize {
@@ -531,6 +589,7 @@ impl Budget {
                     charges: 0,
                 }),
                 on_release: Box::new(on_release),
+                demand: tokio::sync::Notify::new(),
             }),
         }
     }
@@ -575,10 +634,10 @@ impl Budget {
             // over its share (which gets RESOURCE_EXHAUSTED, as if it had come
             // a moment later).
             let mut outcomes = Vec::new();
-            if !st.fits(charge) && !st.over_share(client, bytes) {
+            if !st.fits_charge(charge) && !st.over_share(client, bytes) {
                 let cap = st.limits.client_cap();
-                if st.fits_after_releasing(st.queue.evictable(cap, client), charge) {
-                    while !st.fits(charge) {
+                if st.fits_charge_after_evicting(st.queue.evictable(cap, client), charge) {
+                    while !st.fits_charge(charge) {
                         let w = st.queue.evict(cap, client).expect("evictable charges");
                         st.reserved -= w.charged;
                         st.charges -= w.charged;
@@ -588,7 +647,7 @@ impl Budget {
                     st.update_pressure();
                 }
             }
-            if !st.fits(charge) {
+            if !st.fits_charge(charge) {
                 return Err(busy(&st, bytes, BusyReason::NoRoomToWait));
             }
             st.reserved += charge;
@@ -632,6 +691,7 @@ impl Budget {
         }
         st.growers_hold += holds;
         st.update_pressure();
+        self.inner.demand.notify_one();
         Ticket {
             inner: self.inner.clone(),
             id,
@@ -711,6 +771,9 @@ impl Budget {
                 st.baseline = st.baseline.min(used);
             }
             st.update_pressure();
+            if st.overcommitted() > 0 {
+                self.inner.demand.notify_one();
+            }
             st.grant(&self.inner)
         };
         deliver(grants);
@@ -733,7 +796,64 @@ impl Budget {
             reserved: st.reserved,
             waiting: st.waiting(),
             pressure: st.pressure,
+            charges: st.charges,
+            clients: st.queue.holdings().count(),
+            largest_client: st.queue.holdings().map(|(_, b)| b).max().unwrap_or(0),
+            overcommitted: st.overcommitted(),
         }
+    }
+
+    /// What reclaiming needs to know now, or `None` when nobody waits and the
+    /// budget holds everything (nothing to reclaim for).
+    pub(super) fn reclaim_inputs(&self) -> Option<super::reclaim::Demand> {
+        let st = self.inner.lock();
+        let over = st.overcommitted();
+        if st.waiting() == 0 && over == 0 {
+            return None;
+        }
+        let cap = st.limits.client_cap();
+        // What the next waiter in turn still lacks once its charge is its own.
+        let head = match st.growers.front() {
+            Some(g) => Some((g.charged, g.needed)),
+            None => st.queue.next(cap).map(|(_, w)| (w.charged, w.needed)),
+        };
+        let lacking = head.map_or(0, |(charged, needed)| {
+            let reserved = st.reserved.saturating_sub(charged);
+            let room_left = st
+                .limits
+                .wait_room
+                .saturating_sub(st.charges.saturating_sub(charged));
+            st.used
+                .max(st.baseline.saturating_add(reserved))
+                .saturating_add(room_left)
+                .saturating_add(needed)
+                .saturating_sub(st.limits.budget)
+        });
+        Some(super::reclaim::Demand {
+            waiting: st.queue.waiting_clients().cloned().collect(),
+            growers: !st.growers.is_empty(),
+            held: st.queue.holdings().map(|(k, b)| (k.clone(), b)).collect(),
+            cap: if st.limits.client_share >= 1.0 {
+                None
+            } else {
+                Some(cap)
+            },
+            lacking,
+            over,
+            critical: st.pressure == Pressure::Critical,
+        })
+    }
+
+    /// Wakes when a call starts waiting or the budget is exceeded: the
+    /// reclaimer sleeps on it while nothing is to be done.
+    pub(super) fn demand_changed(&self) -> &tokio::sync::Notify {
+        &self.inner.demand
+    }
+
+    /// Bytes over the budget now: what a limit that shrank below the
+    /// reservations (and the working set) leaves to give back.
+    pub fn overcommitted(&self) -> u64 {
+        self.inner.lock().overcommitted()
     }
 
     /// Bytes `client` holds in granted permits (wait charges not included).
@@ -771,6 +891,7 @@ mod tests {
             small_request: MIB,
             wait_charge: MIB,
             client_share: 1.0,
+            wait_room: 0,
         }
     }
 

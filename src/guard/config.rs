@@ -21,15 +21,23 @@ pub const DEFAULT_HARD_WATERMARK: f64 = 0.95;
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(100);
 /// Enough waiters to absorb a burst; beyond that a fast rejection serves clients better.
 pub const DEFAULT_QUEUE_MAX: usize = 64;
-/// "Wait briefly": long enough for a running 150 MB request to finish on loopback,
-/// short enough that a client's retry with pushback is not much later.
-pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Waiting serves a client better than a refusal it may not retry: memory comes
+/// back as calls finish and from reclaimed streams, and a waiter costs only its
+/// wait charge. Several 150 MB calls finish in this time on a busy server; a
+/// call's own grpc-timeout still cuts it shorter.
+pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Purge after requests that reserved at least this much: smaller ones leave too
 /// little dirty memory to be worth a purge (~15 µs when idle, ~30 ms for 0.5 GB).
 pub const DEFAULT_PURGE_THRESHOLD: ByteSize = ByteSize::mib(32);
 /// A purge of 300 MB dirty takes 20–40 ms; four a second at most caps purge CPU
 /// near a tenth of a core, and an idle purge costs microseconds.
 pub const DEFAULT_PURGE_MIN_INTERVAL: Duration = Duration::from_millis(250);
+/// A second without a byte from its client while calls wait for memory: far
+/// past the pauses of a client that is sending (frames arrive every few ms on
+/// any link that moves 150 MB in reasonable time, and a busy disk or store does
+/// not count), and short enough that a waiting call is served within about a
+/// second instead of after `server.stream_idle_timeout`.
+pub const DEFAULT_RECLAIM_GRACE: Duration = Duration::from_secs(1);
 /// Half the budget: one client flooding the server still leaves the other half
 /// to everyone else, and alone it can use all of it (the cap applies only while
 /// others wait).
@@ -71,6 +79,11 @@ pub struct MemoryConfig {
     /// Share of the budget, in (0, 1], one client may hold while other clients
     /// wait for memory; also its share of `queue_max`.
     pub max_client_share: f64,
+    /// While calls wait for memory, a stream whose client sent (or read)
+    /// nothing for this long is ended and its memory given to them (an upload
+    /// stays resumable). 0 turns this reclaim off.
+    #[serde(with = "humantime_serde")]
+    pub reclaim_grace: Duration,
 }
 
 impl Default for MemoryConfig {
@@ -88,6 +101,7 @@ impl Default for MemoryConfig {
             purge_threshold: DEFAULT_PURGE_THRESHOLD,
             purge_min_interval: DEFAULT_PURGE_MIN_INTERVAL,
             max_client_share: DEFAULT_MAX_CLIENT_SHARE,
+            reclaim_grace: DEFAULT_RECLAIM_GRACE,
         }
     }
 }

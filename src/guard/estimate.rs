@@ -13,6 +13,19 @@ pub enum Estimate {
     Bypass,
     /// A fixed reservation: a streaming call's in-flight window.
     Fixed(u64),
+    /// A streaming call that holds up to `messages` of its request messages at
+    /// once besides the transport's `window`: it reserves `window + overhead +
+    /// messages × first` up front (`first` covers small messages), and grows by
+    /// `messages ×` the difference whenever a message larger than any before it
+    /// arrives, read from its length prefix before tonic allocates it. A
+    /// compressed message counts as `compressed` (what it may inflate to).
+    Stream {
+        window: u64,
+        messages: u64,
+        first: u64,
+        overhead: u64,
+        compressed: u64,
+    },
     /// A unary call: `copies × declared length + overhead`, read from the 5-byte
     /// length prefix before tonic allocates the message. A compressed message
     /// reserves its declared (compressed) length plus `compressed`, the most it
@@ -116,6 +129,23 @@ pub fn parse_prefix(bytes: &[u8]) -> Option<Prefix> {
 }
 
 impl Estimate {
+    /// Bytes reserved when the call is admitted (for a unary call, before its
+    /// prefix is read: see [`Estimate::for_prefix`]).
+    pub fn upfront(&self) -> u64 {
+        match *self {
+            Estimate::Bypass => 0,
+            Estimate::Fixed(n) => n,
+            Estimate::Stream {
+                window,
+                messages,
+                first,
+                overhead,
+                ..
+            } => window + overhead + messages * first,
+            Estimate::Unary { overhead, .. } => overhead,
+        }
+    }
+
     /// Bytes to reserve for a unary call with this prefix.
     pub fn for_prefix(copies: u64, overhead: u64, compressed: u64, p: Prefix) -> u64 {
         if p.compressed {

@@ -71,6 +71,19 @@ impl<W: Waiting> FairQueue<W> {
         self.clients.get(client).map_or(0, |c| c.held)
     }
 
+    /// Clients with calls waiting, in turn order.
+    pub(super) fn waiting_clients(&self) -> impl Iterator<Item = &Arc<str>> {
+        self.turn.iter()
+    }
+
+    /// Every client holding bytes, with what it holds.
+    pub(super) fn holdings(&self) -> impl Iterator<Item = (&Arc<str>, u64)> {
+        self.clients
+            .iter()
+            .filter(|(_, c)| c.held > 0)
+            .map(|(k, c)| (k, c.held))
+    }
+
     fn entry(&mut self, client: &Arc<str>) -> &mut Client<W> {
         // Look up by &str first: the common case needs no Arc clone.
         if !self.clients.contains_key(&**client) {

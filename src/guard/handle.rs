@@ -18,6 +18,7 @@ use super::{
     estimate::Estimator,
     layer::{AdmissionLayer, AdmissionObserver, NoObserver},
     purge::Purger,
+    reclaim::{self, Holders},
     sampler::{self, Snapshot, Source},
 };
 
@@ -35,13 +36,26 @@ struct Inner {
     purge_threshold: Arc<AtomicU64>,
     wait_charge: u64,
     observer: Arc<dyn AdmissionObserver>,
+    /// Admitted calls the reclaimer may end.
+    holders: Holders,
+}
+
+/// A [`Guard`] that does not keep it running (for its own tasks).
+#[derive(Clone)]
+pub(super) struct WeakGuard(std::sync::Weak<Inner>);
+
+impl WeakGuard {
+    pub(super) fn upgrade(&self) -> Option<Guard> {
+        self.0.upgrade().map(|inner| Guard { inner })
+    }
 }
 
 /// Budget limits for `cfg` and a memory limit of `limit` bytes.
 pub fn limits_for(cfg: &MemoryConfig, limit: u64, wait_charge: u64) -> Limits {
+    let budget = Limits::budget_for(limit, cfg.budget_ratio, cfg.reserve.as_u64());
     Limits {
         limit,
-        budget: Limits::budget_for(limit, cfg.budget_ratio, cfg.reserve.as_u64()),
+        budget,
         soft_watermark: cfg.soft_watermark,
         hard_watermark: cfg.hard_watermark,
         queue_max: cfg.queue_max,
@@ -49,6 +63,7 @@ pub fn limits_for(cfg: &MemoryConfig, limit: u64, wait_charge: u64) -> Limits {
         small_request: cfg.purge_threshold.as_u64(),
         wait_charge,
         client_share: cfg.max_client_share,
+        wait_room: Limits::wait_room_for(wait_charge, budget),
     }
 }
 
@@ -123,9 +138,16 @@ impl Guard {
                 purge_threshold,
                 wait_charge,
                 observer,
+                holders: Holders::default(),
             }
         });
+        tokio::spawn(reclaim::run(WeakGuard(Arc::downgrade(&inner))));
         Self { inner }
+    }
+
+    /// The calls the reclaimer may end.
+    pub(super) fn holders(&self) -> &Holders {
+        &self.inner.holders
     }
 
     /// The admission layer for a tonic server, classifying calls with `estimator`.
@@ -193,7 +215,8 @@ impl Guard {
             queue_timeout,
             purge_threshold,
             purge_min_interval,
-            max_client_share
+            max_client_share,
+            reclaim_grace
         );
         let mut applied = new;
         applied.enabled = old.enabled;

@@ -26,6 +26,7 @@ use super::{
     body::{Holding, Replay, first_bytes, read_ahead},
     budget::{self, Permit, Rejection, UNKNOWN_CLIENT},
     estimate::{Estimate, Estimator, parse_grpc_timeout, parse_prefix},
+    metered::Metered,
     watch::Watch,
 };
 
@@ -37,6 +38,8 @@ pub trait AdmissionObserver: Send + Sync + 'static {
     fn rejected(&self, _method: &'static str, _reason: &'static str) {}
     /// A call was cut for making no progress ([`super::watch::Cut::reason`]).
     fn stream_cut(&self, _method: &'static str, _reason: &'static str) {}
+    /// A call's memory was reclaimed ([`super::reclaim::ReclaimReason::as_str`]).
+    fn reclaimed(&self, _method: &'static str, _reason: &'static str, _bytes: u64) {}
 }
 
 /// Who is calling, for the budget's fair share: a request extension set by an
@@ -199,7 +202,7 @@ where
                 .and_then(parse_grpc_timeout)
                 .map(|t| Instant::now() + t);
             let (bytes, req) = match class.estimate {
-                Estimate::Fixed(n) => (n, req),
+                Estimate::Fixed(_) | Estimate::Stream { .. } => (class.estimate.upfront(), req),
                 Estimate::Unary {
                     copies,
                     overhead,
@@ -234,9 +237,28 @@ where
                 method: class.method,
             };
             if let Some(w) = &watch2 {
-                w.admitted(&reservation.permit);
+                w.admitted(&reservation.permit, &reservation.guard);
             }
-            let mut req = req;
+            let mut req = match class.estimate {
+                Estimate::Stream {
+                    messages,
+                    first,
+                    compressed,
+                    ..
+                } => {
+                    let r = reservation.clone();
+                    req.map(|b| {
+                        Body::new(Metered::new(
+                            b,
+                            r,
+                            messages,
+                            first,
+                            compressed.min(u32::MAX as u64) as u32,
+                        ))
+                    })
+                }
+                _ => req,
+            };
             req.extensions_mut().insert(reservation.clone());
             let resp = inner.call(req).await?;
             let body = |b| Body::new(Holding::new(b, reservation));

@@ -10,6 +10,7 @@
 //! - [`budget`]: the admission rule, reservations, queue and pressure levels;
 //! - [`layer`] and [`estimate`]: the tower layer and what each call needs;
 //! - [`watch`]: cutting calls whose client stops sending or reading;
+//! - [`reclaim`]: taking memory back from quiet calls while others wait;
 //! - [`jemalloc`] and [`purge`]: handing freed memory back.
 
 mod body;
@@ -22,7 +23,9 @@ mod fair;
 mod handle;
 pub mod jemalloc;
 pub mod layer;
+pub mod metered;
 pub mod purge;
+pub mod reclaim;
 pub mod sampler;
 pub mod watch;
 

@@ -155,6 +155,14 @@ pub fn plan_workers(opts: &SoakOptions, budget: u64) -> Workers {
     let table = memgate::server::method_table(&memgate::config::Config::default());
     let reserve = |path: &str, echo: bool| match table.classify(path).estimate {
         Estimate::Fixed(n) => n,
+        // The bench's uploads send 1 MiB messages.
+        Estimate::Stream {
+            window,
+            messages,
+            first,
+            overhead,
+            ..
+        } => window + overhead + messages * first.max(crate::payload::CHUNK as u64),
         Estimate::Unary {
             copies, overhead, ..
         } => (copies + u64::from(echo)) * opts.size + overhead,

@@ -85,6 +85,29 @@ pub(super) fn registry(guard: &Guard) -> Registry {
         "1 for the memory pressure level in force, 0 for the others",
         pressure,
     );
+    bytes(
+        &mut r,
+        "memory_wait_charges",
+        "Of the reserved memory, what waiting calls hold for the transport's buffers",
+        view.charges,
+    );
+    bytes(
+        &mut r,
+        "memory_largest_client_reserved",
+        "Memory reserved by the client holding most (the one max_client_share caps while others wait)",
+        view.largest_client,
+    );
+    r.register(
+        "memory_clients",
+        "Clients holding reservations",
+        ConstGauge::new(view.clients as u64),
+    );
+    bytes(
+        &mut r,
+        "memory_overcommitted",
+        "Reservations and working set above the budget (a limit that shrank); reclaimed first",
+        view.overcommitted,
+    );
     r.register(
         "admission_waiting",
         "Calls waiting in the admission queue",

@@ -44,7 +44,12 @@ use self::{
     body::{RequestBody, ResponseBody},
     progress::{Progress, Window, check},
 };
-use super::{Guard, body::MAX_FRAME, budget::Permit};
+use super::{
+    Guard,
+    body::MAX_FRAME,
+    budget::Permit,
+    reclaim::{Holder, ReclaimReason},
+};
 
 /// What hyper and h2 may still hold of a response after its body is dropped:
 /// hyper keeps the frame it waits to send, h2 the unsent part of the one before.
@@ -122,9 +127,12 @@ impl Watch {
         self.response.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The call was admitted with this reservation.
-    pub(super) fn admitted(&self, permit: &Arc<Mutex<Permit>>) {
+    /// The call was admitted with this reservation; from now on the
+    /// reclaimer may end it.
+    pub(super) fn admitted(self: &Arc<Self>, permit: &Arc<Mutex<Permit>>, guard: &Guard) {
         self.lock().permit = Arc::downgrade(permit);
+        let holder: Weak<dyn Holder> = Arc::downgrade(self) as Weak<dyn Holder>;
+        guard.holders().add(holder);
     }
 
     /// Wraps the request body to record progress.
@@ -204,6 +212,49 @@ impl Watch {
         for w in wakers.into_iter().flatten() {
             w.wake();
         }
+    }
+}
+
+impl Holder for Watch {
+    fn holding(&self) -> Option<(Arc<str>, u64)> {
+        let permit = {
+            let st = self.lock();
+            if st.cut.is_some() {
+                return None;
+            }
+            st.permit.upgrade()?
+        };
+        let p = permit.lock().unwrap_or_else(|e| e.into_inner());
+        Some((p.client().clone(), p.bytes()))
+    }
+
+    fn quiet_for(&self, now: Instant) -> Option<Duration> {
+        let st = self.lock();
+        if st.cut.is_some() {
+            return None;
+        }
+        [&st.request, &st.response]
+            .into_iter()
+            .filter(|p| p.active)
+            .filter_map(|p| p.waiting_since)
+            .map(|since| now.saturating_duration_since(since))
+            .max()
+    }
+
+    fn method(&self) -> &'static str {
+        self.method
+    }
+
+    fn reclaim(&self, reason: ReclaimReason, bytes: u64, pushback: Duration) -> bool {
+        if self.lock().cut.is_some() {
+            return false;
+        }
+        self.cut(Cut::Reclaimed {
+            reason,
+            bytes,
+            pushback,
+        });
+        true
     }
 }
 

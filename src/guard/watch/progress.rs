@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 use bytesize::ByteSize;
 use tonic::Status;
 
+use crate::guard::reclaim::ReclaimReason;
+
 /// How much progress a stream must make. Both limits off: no watchdog at all.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StreamLimits {
@@ -52,6 +54,13 @@ pub enum Cut {
         over: Duration,
         min: u64,
     },
+    /// The reclaimer took the call's memory back for others (see
+    /// [`crate::guard::reclaim`]): retryable after `pushback`.
+    Reclaimed {
+        reason: ReclaimReason,
+        bytes: u64,
+        pushback: Duration,
+    },
 }
 
 impl Cut {
@@ -74,12 +83,25 @@ impl Cut {
                 side: Side::Response,
                 ..
             } => "response_slow",
+            Cut::Reclaimed { .. } => "reclaimed",
         }
     }
 
-    /// `DEADLINE_EXCEEDED`, naming the limit, its key and the numbers.
+    /// A stalled call is `DEADLINE_EXCEEDED`, naming the limit, its key and
+    /// the numbers; a reclaimed one is `RESOURCE_EXHAUSTED` with a pushback
+    /// (gRFC A6), which retrying clients honour: the server's memory failed,
+    /// not the call.
     pub fn status(&self) -> Status {
-        Status::deadline_exceeded(self.to_string())
+        match self {
+            Cut::Reclaimed { pushback, .. } => {
+                let mut status = Status::resource_exhausted(self.to_string());
+                if let Ok(v) = pushback.as_millis().to_string().parse() {
+                    status.metadata_mut().insert("grpc-retry-pushback-ms", v);
+                }
+                status
+            }
+            _ => Status::deadline_exceeded(self.to_string()),
+        }
     }
 }
 
@@ -118,6 +140,23 @@ impl std::fmt::Display for Cut {
                 per_sec(rate),
                 secs(over),
                 per_sec(min)
+            ),
+            Cut::Reclaimed { reason, bytes, .. } => write!(
+                f,
+                "memory reclaimed: this call held {} and {}; retry after the pushback \
+                 (an upload resumes at QueryWriteStatus's committed_size)",
+                ByteSize::b(bytes).display().iec(),
+                match reason {
+                    ReclaimReason::Share =>
+                        "its client held more than its share \
+                        (memory.max_client_share) while other clients waited for memory",
+                    ReclaimReason::Idle =>
+                        "it moved no data for memory.reclaim_grace \
+                        while other calls waited for memory",
+                    ReclaimReason::Overcommit =>
+                        "the memory limit fell below what \
+                        admitted calls had reserved",
+                }
             ),
         }
     }
