@@ -206,6 +206,16 @@ pub struct Budget {
     inner: Arc<Inner>,
 }
 
+/// A [`Budget`] that does not keep it alive (for hooks the budget itself holds).
+#[derive(Clone)]
+pub struct WeakBudget(std::sync::Weak<Inner>);
+
+impl WeakBudget {
+    pub fn upgrade(&self) -> Option<Budget> {
+        self.0.upgrade().map(|inner| Budget { inner })
+    }
+}
+
 struct Inner {
     state: Mutex<State>,
     /// Called with the size of each released permit (purge after large requests).
@@ -592,6 +602,11 @@ impl Budget {
                 demand: tokio::sync::Notify::new(),
             }),
         }
+    }
+
+    /// A handle that does not keep the budget alive.
+    pub fn downgrade(&self) -> WeakBudget {
+        WeakBudget(Arc::downgrade(&self.inner))
     }
 
     /// [`Budget::try_acquire_for`] a call that names no client.

@@ -114,6 +114,15 @@ impl Guard {
             first.working_set,
             limits_for(&cfg, first.limit.bytes, wait_charge),
         );
+        // Memory freed while other calls hold theirs is reused by the next
+        // large call: purge once the work stops, or at once under pressure.
+        let weak = budget.downgrade();
+        purger.defer_while(move || {
+            weak.upgrade().is_some_and(|b| {
+                let v = b.view();
+                v.pressure == Pressure::Normal && v.reserved > v.charges
+            })
+        });
 
         let inner = Arc::new_cyclic(|weak: &std::sync::Weak<Inner>| {
             let (w1, w2) = (weak.clone(), weak.clone());

@@ -4,6 +4,14 @@
 //!
 //! It owns when to purge and the purge counters; what a purge does is
 //! [`super::jemalloc::purge_all`], and who asks for one is the guard's business.
+//!
+//! A purge hands pages back that the next large call must fault in again: for
+//! back-to-back 150 MB calls that was the guard's main cost (page faults, see
+//! docs/guard.md). So a purge asked for while other calls still hold memory
+//! and pressure is normal waits ([`Purger::defer_while`]) until the server has
+//! been without them for [`REUSE_WINDOW`]: memory freed while work goes on is
+//! reused by it, and it goes back to the OS once the work stops, or at once
+//! when pressure rises.
 
 use std::{
     collections::HashSet,
@@ -40,6 +48,11 @@ pub struct PurgeStats {
 }
 
 type Action = dyn Fn() -> Result<PurgeOutcome, JemallocError> + Send + Sync;
+type Defer = dyn Fn() -> bool + Send + Sync;
+
+/// How long a deferred purge waits before it looks again whether the memory it
+/// would hand back is still being reused.
+pub const REUSE_WINDOW: Duration = Duration::from_millis(250);
 
 /// A rate-limited, coalescing purge. Cheap to clone: clones share one state.
 #[derive(Clone)]
@@ -50,6 +63,8 @@ pub struct Purger {
 struct Inner {
     min_interval: Duration,
     action: Box<Action>,
+    /// True while a purge should wait (see [`Purger::defer_while`]).
+    defer: std::sync::OnceLock<Box<Defer>>,
     state: Mutex<State>,
     requests: AtomicU64,
     runs: AtomicU64,
@@ -117,6 +132,7 @@ impl Purger {
             inner: Some(Arc::new(Inner {
                 min_interval,
                 action: Box::new(action),
+                defer: std::sync::OnceLock::new(),
                 state: Mutex::default(),
                 requests: AtomicU64::new(0),
                 runs: AtomicU64::new(0),
@@ -136,6 +152,15 @@ impl Purger {
 
     pub fn is_enabled(&self) -> bool {
         self.inner.is_some()
+    }
+
+    /// Makes purges wait while `busy` says the memory they would hand back is
+    /// being reused (calls hold memory, pressure is normal), looking again
+    /// every [`REUSE_WINDOW`]. Set once; later calls are ignored.
+    pub fn defer_while(&self, busy: impl Fn() -> bool + Send + Sync + 'static) {
+        if let Some(inner) = &self.inner {
+            let _ = inner.defer.set(Box::new(busy));
+        }
     }
 
     /// Asks for a purge soon, without waiting for it. Right away if none ran
@@ -236,6 +261,10 @@ async fn drive(mut driving: Driving) {
         let next_allowed = inner.lock().next_allowed;
         if let Some(at) = next_allowed {
             tokio::time::sleep_until(at).await;
+        }
+        if inner.defer.get().is_some_and(|busy| busy()) {
+            tokio::time::sleep(REUSE_WINDOW).await;
+            continue;
         }
         {
             let mut state = inner.lock();
