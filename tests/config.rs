@@ -74,24 +74,48 @@ fn the_example_file_loads_and_equals_the_defaults() {
     );
 }
 
-/// Every key of the configuration is in the example, under its section, after a comment.
-#[test]
-fn the_example_file_documents_every_key() {
+/// One `key = value` line of config/memgate.toml.
+struct ExampleEntry {
+    section: String,
+    key: String,
+    /// The value as written, strings without their quotes.
+    value: String,
+    /// Whether a comment line is right above it.
+    commented: bool,
+}
+
+/// Every `key = value` line of config/memgate.toml, with its section.
+fn example_entries() -> Vec<ExampleEntry> {
     let text = std::fs::read_to_string(example()).expect("config/memgate.toml");
-    let mut found = Vec::new();
+    let mut entries = Vec::new();
     let mut section = String::new();
     let mut commented = false;
     for line in text.lines().map(str::trim) {
         if let Some(s) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
             section = s.to_string();
-        } else if let Some((key, _)) = line.split_once('=')
+        } else if let Some((key, value)) = line.split_once('=')
             && !line.starts_with('#')
         {
-            let key = format!("{section}.{}", key.trim());
-            assert!(commented, "{key} has no comment above it");
-            found.push(key);
+            entries.push(ExampleEntry {
+                section: section.clone(),
+                key: key.trim().to_string(),
+                value: value.trim().trim_matches('"').to_string(),
+                commented,
+            });
         }
         commented = line.starts_with('#');
+    }
+    entries
+}
+
+/// Every key of the configuration is in the example, under its section, after a comment.
+#[test]
+fn the_example_file_documents_every_key() {
+    let mut found = Vec::new();
+    for e in example_entries() {
+        let key = format!("{}.{}", e.section, e.key);
+        assert!(e.commented, "{key} has no comment above it");
+        found.push(key);
     }
     let defaults = serde_json::to_value(Config::default()).expect("serialize defaults");
     // Every leaf key, with nested tables ([storage.s3]) spelled out.
@@ -536,4 +560,64 @@ fn s3_settings_are_checked_only_for_the_s3_backend() {
     let cfg = load_str(s3).expect("minimal s3 config");
     assert_eq!(cfg.storage.backend, memgate::config::Backend::S3);
     assert_eq!(cfg.storage.s3.bucket, "b");
+}
+
+/// docs/configuration.md's table has one row per section of config/memgate.toml
+/// naming every key of it, and where the row gives a key's default in
+/// parentheses, that is the example's value: a new key without docs fails here.
+#[test]
+fn the_configuration_doc_names_every_key_with_its_default() {
+    let doc_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/configuration.md");
+    let doc = std::fs::read_to_string(&doc_path).expect("docs/configuration.md");
+    // "| `[section]` | keys |" rows, by section.
+    let rows: std::collections::BTreeMap<&str, &str> = doc
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `["))
+        .filter_map(|l| l.split_once("]` |"))
+        .collect();
+    let entries = example_entries();
+    let sections: std::collections::BTreeSet<&str> =
+        entries.iter().map(|e| e.section.as_str()).collect();
+    assert_eq!(
+        rows.keys()
+            .copied()
+            .collect::<std::collections::BTreeSet<_>>(),
+        sections,
+        "sections in docs/configuration.md's table vs. config/memgate.toml"
+    );
+    for e in &entries {
+        let row = rows[e.section.as_str()];
+        let name = format!("`{}`", e.key);
+        assert!(
+            row.contains(&name),
+            "docs/configuration.md does not name {}.{} in the [{}] row",
+            e.section,
+            e.key,
+            e.section
+        );
+        // `key` (`value` ...), `key` (value ...), `key` (empty: ...).
+        for (at, _) in row.match_indices(&name) {
+            let Some(paren) = row[at + name.len()..].strip_prefix(" (") else {
+                continue;
+            };
+            let paren = paren.strip_prefix("both ").unwrap_or(paren);
+            let documented = match paren.strip_prefix('`') {
+                Some(quoted) => quoted.split('`').next().unwrap_or_default(),
+                None => paren
+                    .split([')', ';', ':', ',', ' '])
+                    .next()
+                    .unwrap_or_default(),
+            };
+            let documented = if documented == "empty" {
+                ""
+            } else {
+                documented
+            };
+            assert_eq!(
+                documented, e.value,
+                "docs/configuration.md gives {}.{} the default {documented:?}, config/memgate.toml {:?}",
+                e.section, e.key, e.value
+            );
+        }
+    }
 }

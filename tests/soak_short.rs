@@ -2,7 +2,7 @@
 //! (uploads, downloads and Process calls, half of those with echo) against the
 //! real binary in a fresh 512 MiB memory cgroup. It runs the bench crate's soak,
 //! the same code as `memgate-bench soak` (30 minutes by default, figures in
-//! docs/bench.md), and asserts its promises:
+//! docs/measurements.md), and asserts its promises:
 //! - the kernel OOM-kills nothing and the server is still running;
 //! - after each burst, once idle, the guard's reserved bytes are back to 0;
 //! - and the server's RSS is back within 16 MiB of its idle baseline;

@@ -57,11 +57,9 @@ def merged(base: dict, over: dict) -> dict:
 
 
 def deploy_section() -> str:
-    """The README's "Deploy on Kubernetes" section."""
-    text = (ROOT / "README.md").read_text()
-    start = text.index("## Deploy on Kubernetes")
-    end = text.find("\n## ", start + 1)
-    return text[start : end if end != -1 else len(text)]
+    """docs/deploy.md, the deployment guide (once the README's "Deploy on
+    Kubernetes" section)."""
+    return (ROOT / "docs" / "deploy.md").read_text()
 
 
 @dataclass

@@ -121,7 +121,7 @@ def test_docs_examples_render(render):
 
 
 def test_docs_budget_is_what_memgate_computes(render, memgate_bin, tmp_path):
-    # The memory example in the README's deploy section quotes the budget its limit gives;
+    # The memory example in docs/deploy.md quotes the budget its limit gives;
     # memgate computes it from the rendered config and that limit (passed as
     # memory.limit here, where the cgroup would give it in the pod).
     values = docs_value_blocks()[0]

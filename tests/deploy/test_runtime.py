@@ -65,8 +65,8 @@ def make_pki(folder: pathlib.Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in folder.iterdir()}
 
 
-def readme_tokens_file() -> str:
-    """The tokens file the README shows, with the hash of a fresh token where it
+def documented_tokens_file() -> str:
+    """The tokens file docs/deploy.md shows, with the hash of a fresh token where it
     says to put one: memgate must load the documented format as it stands."""
     (example,) = re.findall(r"```toml\n(.*?)```", deploy_section(), re.S)
     token = secrets.token_hex(32)  # what `openssl rand -hex 32` prints
@@ -120,14 +120,14 @@ def start(render, memgate_bin, tmp_path):
         r = render(merged(SHUTDOWN, values))
         v = merged(VALUES, r.values)  # with the chart's defaults, as Helm sees them
         # The Secrets the chart renders (the generated token and tokens file),
-        # and the ones the values name, with the README's tokens file.
+        # and the ones the values name, with the tokens file docs/deploy.md shows.
         secret_data = {
             o["metadata"]["name"]: {k: base64.b64decode(b) for k, b in o.get("data", {}).items()}
             for o in r.objects
             if o["kind"] == "Secret"
         }
         if v["auth"]["enabled"] and v["auth"]["existingSecret"]:
-            secret_data[v["auth"]["existingSecret"]] = {v["auth"]["tokensKey"]: readme_tokens_file().encode()}
+            secret_data[v["auth"]["existingSecret"]] = {v["auth"]["tokensKey"]: documented_tokens_file().encode()}
         pki = tmp_path / "pki"
         if v["tls"]["enabled"]:
             files = make_pki(pki)
