@@ -245,9 +245,10 @@ async fn a_stream_that_keeps_sending_is_never_reclaimed() {
     s.stop().await;
 }
 
-/// The limit drops below what is reserved (an in-place pod resize): nothing
-/// new is admitted, readiness says why, the quiet upload holding the memory is
-/// reclaimed (reason overcommit) and resumes once the limit is back.
+/// The limit drops below what is reserved (an in-place pod resize): the
+/// budget reports itself exceeded, the quiet upload holding the memory is
+/// reclaimed (reason overcommit) and resumes once the limit is back. (What
+/// readiness says meanwhile is the health unit test's.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_limit_shrinking_below_the_reservations_reclaims_and_recovers() {
     let s = Server::start(128 * MIB, None, |c| {
