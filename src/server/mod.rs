@@ -1,6 +1,9 @@
 //! Builds the gRPC server from a [`Config`]: store, services, HTTP/2 limits and
 //! the layer stack, then serves until the shutdown future resolves.
 
+mod calls;
+mod transport;
+
 use std::future::Future;
 
 use tokio::net::TcpListener;
@@ -18,12 +21,7 @@ use crate::api::{
 };
 use crate::auth::{AuthLayer, Authorizer};
 use crate::config::{Backend, Config};
-use crate::guard::{
-    Guard,
-    discover::Roots,
-    estimate::{Estimate, MethodTable},
-    jemalloc,
-};
+use crate::guard::{Guard, discover::Roots, jemalloc};
 use crate::proto::{
     FILE_DESCRIPTOR_SET, bytestream::byte_stream_server::ByteStreamServer,
     memgate_v1::payload_server::PayloadServer,
@@ -31,76 +29,8 @@ use crate::proto::{
 use crate::store::{self, Store, spawn_gc};
 use crate::tls::Tls;
 
-/// The HTTP/2 stream window. Throughput is bounded by window / RTT and by how
-/// much slack the receiver has while it is busy hashing and writing: measured on
-/// loopback (2 cores), a 150 MB Write took 285–320 ms with hyper's default 1 MiB,
-/// 205–265 ms with 2 MiB and 165–195 ms with 4 MiB. It is also what hyper may
-/// buffer for a stream whose body nobody reads yet, which the guard charges every
-/// waiting call.
-pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
-/// Streams one connection may carry at once. A gRPC channel multiplexes every call
-/// over one connection; 32 large payloads in flight on one connection is plenty,
-/// and the number bounds the connection window below.
-pub const MAX_CONCURRENT_STREAMS: u32 = 32;
-/// Room for every stream's full window, so streams that wait (unread) can never use
-/// up the connection window that admitted streams need: no head-of-line stall.
-pub const CONNECTION_WINDOW: u32 = STREAM_WINDOW * MAX_CONCURRENT_STREAMS;
-
-/// Largest HTTP/2 frame a client may send us. hyper's default of 16 KiB means
-/// ~10,000 frames, each handled and copied separately, per 150 MB upload.
-pub const MAX_FRAME_SIZE: u32 = 256 * 1024;
-
-/// Chunks a Write stream may hold at once: one being decoded, one being written,
-/// and the store's queue of two. Each is at most [`MAX_STREAM_MESSAGE`].
-const WRITE_CHUNKS_IN_FLIGHT: u64 = 4;
-/// A unary call's fixed costs besides its message: headers, the response, tonic's
-/// first decode buffer.
-const UNARY_OVERHEAD: u64 = 256 * 1024;
-/// Calls without a message of note (QueryWriteStatus, unknown methods).
-const SMALL_CALL: u64 = 64 * 1024;
-
-/// What each memgate method reserves; see [`Estimate`].
-pub fn method_table(cfg: &Config) -> MethodTable {
-    let window = STREAM_WINDOW as u64;
-    let read_chunk = cfg.storage.read_chunk_size.as_u64();
-    let max_message = cfg.server.max_message_size.as_u64();
-    // With S3, a Write also holds the multipart part being filled and the parts
-    // in flight.
-    let part_buffers = match cfg.storage.backend {
-        Backend::Local => 0,
-        Backend::S3 => cfg.storage.s3.stream_buffer(),
-    };
-    MethodTable::new(Estimate::Fixed(SMALL_CALL))
-        // A call keeps its reservation only while its client keeps sending or
-        // reading: a stalled one is cut (server.stream_idle_timeout, min_throughput).
-        .with_stream_limits(cfg.server.stream_limits())
-        // The HTTP/2 window hyper may buffer plus the chunks in flight: never the blob size.
-        .method(
-            "/google.bytestream.ByteStream/Write",
-            Estimate::Fixed(
-                window + WRITE_CHUNKS_IN_FLIGHT * MAX_STREAM_MESSAGE as u64 + part_buffers,
-            ),
-        )
-        // The store's read-ahead (two chunks), one being encoded, and the send window.
-        .method(
-            "/google.bytestream.ByteStream/Read",
-            Estimate::Fixed(window + 4 * read_chunk),
-        )
-        .method(
-            "/google.bytestream.ByteStream/QueryWriteStatus",
-            Estimate::Fixed(SMALL_CALL),
-        )
-        // One copy: `bytes` fields share the decode buffer. An echo grows the
-        // reservation by one more copy in the handler, once it knows.
-        .method(
-            "/memgate.v1.Payload/Process",
-            Estimate::Unary {
-                copies: 1,
-                overhead: UNARY_OVERHEAD,
-                compressed: max_message,
-            },
-        )
-}
+pub use calls::method_table;
+pub use transport::{CONNECTION_WINDOW, MAX_CONCURRENT_STREAMS, MAX_FRAME_SIZE, STREAM_WINDOW};
 
 /// Serves memgate on `listener` until `shutdown` resolves; in-flight calls then
 /// get up to `shutdown.grace` to finish. No admin listener.
