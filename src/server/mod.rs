@@ -1,5 +1,6 @@
-//! Builds the gRPC server from a [`Config`]: store, services, HTTP/2 limits and
-//! the layer stack, then serves until the shutdown future resolves.
+//! Builds the gRPC server from a [`Config`]: store, services and the layer
+//! stack, served from memgate's own accept loop ([`transport`]: connection
+//! caps, idle close, HTTP/2 limits) until the shutdown future resolves.
 
 mod calls;
 mod transport;
@@ -7,7 +8,6 @@ mod transport;
 use std::future::Future;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::codec::CompressionEncoding;
 
 use std::sync::Arc;
@@ -29,8 +29,11 @@ use crate::proto::{
 use crate::store::{self, Store, spawn_gc};
 use crate::tls::Tls;
 
-pub use calls::method_table;
-pub use transport::{CONNECTION_WINDOW, MAX_CONCURRENT_STREAMS, MAX_FRAME_SIZE, STREAM_WINDOW};
+pub use calls::{CallLimitLayer, method_table};
+pub use transport::{
+    CONNECTION_WINDOW, MAX_CONCURRENT_STREAMS, MAX_FRAME_SIZE, REFUSAL_LINGER, STREAM_WINDOW,
+    TransportObserver, connection_window,
+};
 
 /// Serves memgate on `listener` until `shutdown` resolves; in-flight calls then
 /// get up to `shutdown.grace` to finish. No admin listener.
@@ -122,6 +125,11 @@ impl Server {
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// What `/metrics` shows (shared with the running server's counters).
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     /// Serves gRPC on `grpc` and, if given, the admin routes on `admin`, until
@@ -232,46 +240,40 @@ impl Server {
         let _auth_reload = auth
             .as_ref()
             .map(|a| a.spawn_reload(cfg.auth.reload_interval));
-        let layers = tower::ServiceBuilder::new()
-            // Outermost: logs and counts every call, including ones the guard turns away.
-            .layer(AccessLogLayer::new(metrics.clone()))
-            // Then who is calling: refused before the guard reserves anything.
-            .layer(AuthLayer::new(auth))
-            // Before tonic decodes anything: reserve the call's memory or reject it.
-            .layer(guard.layer(method_table(&cfg)))
-            .into_inner();
-        let (grpc_stop, grpc_stopped) = oneshot::channel::<()>();
-        let server = tonic::transport::Server::builder()
-            .initial_stream_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONNECTION_WINDOW)
-            .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
-            .max_frame_size(MAX_FRAME_SIZE)
-            .http2_adaptive_window(Some(false))
-            // A peer that vanished without a FIN (dropped by a NAT or a balancer)
-            // holds its streams' reservations until its connection closes: a PING
-            // unanswered for keepalive_timeout closes it. Live-but-stalled
-            // clients answer PINGs; the admission layer's watchdog cuts those.
-            .http2_keepalive_interval(Some(cfg.server.keepalive_interval).filter(|d| !d.is_zero()))
-            .http2_keepalive_timeout(Some(cfg.server.keepalive_timeout))
-            // Decoded headers are not in the memory budget; this bounds them per
-            // stream (validated to at most 1 MiB, so the cast cannot truncate).
-            .http2_max_header_list_size(cfg.server.max_header_list_size.as_u64() as u32)
-            .layer(layers)
-            .add_service(health_service)
+        let table = method_table(&cfg);
+        let routes = tonic::service::Routes::new(health_service)
             .add_service(bytestream)
             .add_service(payload)
-            .add_service(reflection);
+            .add_service(reflection)
+            .prepare();
+        let service = tower::ServiceBuilder::new()
+            // Outermost: logs and counts every call, including ones the layers below turn away.
+            .layer(AccessLogLayer::new(metrics.clone()))
+            // Then who is calling: refused before anything is counted or reserved for it.
+            .layer(AuthLayer::new(auth))
+            // Then how many calls that client has going: over the cap, refused
+            // before it reserves memory or queues for it.
+            .layer(CallLimitLayer::new(
+                cfg.server.max_calls_per_client,
+                table.clone(),
+                Arc::new(metrics.clone()),
+            ))
+            // Before tonic decodes anything: reserve the call's memory or reject it.
+            .layer(guard.layer(table))
+            .service(routes);
+        let (grpc_stop, grpc_stopped) = oneshot::channel::<()>();
         let stopped = async {
             let _ = grpc_stopped.await;
         };
-        let server: std::pin::Pin<
-            Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>,
-        > = match &tls {
-            Some(tls) => Box::pin(server.serve_with_incoming_shutdown(tls.incoming(grpc), stopped)),
-            None => {
-                Box::pin(server.serve_with_incoming_shutdown(TcpListenerStream::new(grpc), stopped))
-            }
-        };
+        // memgate's own accept loop: connection caps, idle close, drain.
+        let server = transport::serve(
+            grpc,
+            tls.clone(),
+            service,
+            &cfg.server,
+            Arc::new(metrics.clone()),
+            stopped,
+        );
         tokio::pin!(server);
         health.set_started();
 
