@@ -470,3 +470,37 @@ async fn calls_over_the_per_client_cap_are_refused_before_they_reserve() {
     drop(held);
     s.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_connection_over_the_cap_is_refused_with_the_reason_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = support::pki::Ca::new("transport test CA");
+    let server = ca.server();
+    let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    std::fs::write(&cert, &server.cert).unwrap();
+    std::fs::write(&key, &server.key).unwrap();
+    let s = Harness::start(|c| {
+        c.tls.cert_file = cert;
+        c.tls.key_file = key;
+        c.server.max_connections_per_client = 1;
+    })
+    .await;
+    let channel = || {
+        let tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(&ca.pem))
+            .domain_name("localhost");
+        Endpoint::from_shared(format!("https://localhost:{}", s.addr.port()))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect_timeout(BOUND)
+            .connect_lazy()
+    };
+    let first = channel();
+    check(&first).await.unwrap();
+    // The refusal comes after the TLS handshake, so the client reads it.
+    let refused = check(&channel()).await.unwrap_err();
+    assert_refused(&refused, "server.max_connections_per_client");
+    check(&first).await.unwrap();
+    s.stop().await;
+}
