@@ -216,6 +216,48 @@ pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 /// connection at 32 streams × 16 KiB of decoded headers.
 pub const DEFAULT_MAX_HEADER_LIST_SIZE: ByteSize = ByteSize::kib(16);
 
+/// A node's worth of clients behind one address (a NAT, a CI fleet's egress)
+/// each with a channel or two, with room; at a few KiB per idle connection
+/// plus its socket, 4096 stay well under any pod's file-descriptor limit and
+/// memory. Each open stream is charged to the memory budget anyway.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+/// A gRPC client needs one connection per channel, and a well-behaved one
+/// shares a channel between its calls; 128 leaves room for a build farm's
+/// worth of channels behind one NAT address while stopping one peer from
+/// taking the whole `max_connections` (and with it every other client's place).
+pub const DEFAULT_MAX_CONNECTIONS_PER_CLIENT: usize = 128;
+/// Calls one client (its auth identity, else its IP address) may have
+/// admitted at once: far more than any real client runs concurrently (Bazel's
+/// default is 20 jobs), and 16 connections' worth of full streams (16 × 32).
+/// A flood of calls beyond it is refused before it can queue for memory.
+pub const DEFAULT_MAX_CALLS_PER_CLIENT: usize = 512;
+/// A connection with no call for this long is closed with a graceful GOAWAY
+/// (the client reconnects on its next call). Five minutes keeps channels that
+/// are used every few seconds or minutes open (reconnecting costs a handshake,
+/// and a TLS one at that), and gives back the sockets and connection slots of
+/// clients that forgot theirs; grpc-go's `MaxConnectionIdle` is off by default,
+/// so there is no common value to follow.
+pub const DEFAULT_CONNECTION_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// See [`crate::server::STREAM_WINDOW`]: the connection window is this many
+/// stream windows, so waiting streams never stall admitted ones. hyper's
+/// server default is 200 but tonic passes none (unlimited) unless told.
+pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 32;
+/// Streams the server itself may reset for a protocol error (a malformed
+/// frame, a header list over the limit) before the connection gets a GOAWAY:
+/// h2's own default, which tonic turns off by passing none. Without it a
+/// client can provoke resets for ever, and the server does the work of each
+/// stream it opens and loses, like the rapid-reset attack from the other side.
+pub const DEFAULT_MAX_LOCAL_ERROR_RESET_STREAMS: usize = 1024;
+/// Streams a client opened and reset before the server accepted them, allowed
+/// at once before GOAWAY (the HTTP/2 rapid-reset attack, CVE-2023-44487): h2's
+/// default, made explicit. A client cancelling its calls normally stays far
+/// below it.
+pub const DEFAULT_MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
+
+/// The most `server.max_concurrent_streams` may be: 256 stream windows of 4 MiB
+/// are a 1 GiB connection window, half of HTTP/2's largest.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 256;
+
 /// `[server]`: the gRPC listener.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -242,6 +284,21 @@ pub struct ServerConfig {
     pub keepalive_timeout: Duration,
     /// Largest header list (all of a request's metadata, decoded) accepted.
     pub max_header_list_size: ByteSize,
+    /// Connections open at once, all clients together; more are refused.
+    pub max_connections: usize,
+    /// Connections open at once from one IP address; more are refused.
+    pub max_connections_per_client: usize,
+    /// Calls admitted at once for one client (auth identity, else IP address).
+    pub max_calls_per_client: usize,
+    /// A connection with no call in flight for this long gets a GOAWAY; `0s` disables.
+    #[serde(with = "humantime_serde")]
+    pub connection_idle_timeout: Duration,
+    /// HTTP/2 streams one connection may have open at once.
+    pub max_concurrent_streams: u32,
+    /// Streams the server may reset for protocol errors before GOAWAY.
+    pub max_local_error_reset_streams: usize,
+    /// Streams a client may reset before they are accepted, before GOAWAY.
+    pub max_pending_accept_reset_streams: usize,
 }
 
 impl Default for ServerConfig {
@@ -255,6 +312,13 @@ impl Default for ServerConfig {
             keepalive_interval: DEFAULT_KEEPALIVE_INTERVAL,
             keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT,
             max_header_list_size: DEFAULT_MAX_HEADER_LIST_SIZE,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_client: DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
+            max_calls_per_client: DEFAULT_MAX_CALLS_PER_CLIENT,
+            connection_idle_timeout: DEFAULT_CONNECTION_IDLE_TIMEOUT,
+            max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
+            max_local_error_reset_streams: DEFAULT_MAX_LOCAL_ERROR_RESET_STREAMS,
+            max_pending_accept_reset_streams: DEFAULT_MAX_PENDING_ACCEPT_RESET_STREAMS,
         }
     }
 }
@@ -314,6 +378,58 @@ impl ServerConfig {
             return Err(ConfigError::invalid(
                 "server.max_header_list_size",
                 "must be between 1KiB and 1MiB",
+            ));
+        }
+        self.validate_transport()
+    }
+
+    /// The connection and HTTP/2 limits' ranges; the error names the key.
+    fn validate_transport(&self) -> Result<(), ConfigError> {
+        if !(1..=1_000_000).contains(&self.max_connections) {
+            return Err(ConfigError::invalid(
+                "server.max_connections",
+                "must be between 1 and 1000000",
+            ));
+        }
+        if !(1..=self.max_connections).contains(&self.max_connections_per_client) {
+            return Err(ConfigError::invalid(
+                "server.max_connections_per_client",
+                "must be between 1 and server.max_connections",
+            ));
+        }
+        if !(1..=1_000_000).contains(&self.max_calls_per_client) {
+            return Err(ConfigError::invalid(
+                "server.max_calls_per_client",
+                "must be between 1 and 1000000",
+            ));
+        }
+        let idle = self.connection_idle_timeout;
+        if !idle.is_zero()
+            && !(Duration::from_secs(1)..=Duration::from_secs(24 * 3600)).contains(&idle)
+        {
+            return Err(ConfigError::invalid(
+                "server.connection_idle_timeout",
+                "must be 0s (off) or between 1s and 24h",
+            ));
+        }
+        // The connection window is this many 4 MiB stream windows and HTTP/2
+        // caps a window at 2^31 - 1 bytes.
+        if !(1..=MAX_STREAMS_PER_CONNECTION).contains(&self.max_concurrent_streams) {
+            return Err(ConfigError::invalid(
+                "server.max_concurrent_streams",
+                format!("must be between 1 and {MAX_STREAMS_PER_CONNECTION}"),
+            ));
+        }
+        if !(1..=100_000).contains(&self.max_local_error_reset_streams) {
+            return Err(ConfigError::invalid(
+                "server.max_local_error_reset_streams",
+                "must be between 1 and 100000",
+            ));
+        }
+        if !(1..=100_000).contains(&self.max_pending_accept_reset_streams) {
+            return Err(ConfigError::invalid(
+                "server.max_pending_accept_reset_streams",
+                "must be between 1 and 100000",
             ));
         }
         Ok(())

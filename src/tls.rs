@@ -12,9 +12,7 @@
 use std::{
     io,
     path::{Path, PathBuf},
-    pin::Pin,
     sync::{Arc, RwLock},
-    task::{Context, Poll},
     time::{Duration, SystemTime},
 };
 
@@ -24,19 +22,13 @@ use rustls::{
     server::{WebPkiClientVerifier, danger::ClientCertVerifier},
 };
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
-use tokio::{
-    net::{TcpListener, TcpStream},
-    sync::mpsc,
-    task::JoinHandle,
-};
+use tokio::{net::TcpStream, task::JoinHandle};
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
 
 use crate::config::TlsConfig;
 
 /// A client that connects and never finishes its handshake is dropped after this.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Handshaken connections waiting for tonic to take them.
-const ACCEPT_QUEUE: usize = 64;
 
 /// Why a TLS configuration could not be built; names the file.
 #[derive(Debug, thiserror::Error)]
@@ -137,66 +129,16 @@ impl Tls {
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = config;
     }
 
-    /// Accepts TCP connections on `listener` and yields those whose TLS
-    /// handshake succeeds. Handshakes run concurrently, each bounded by
-    /// [`HANDSHAKE_TIMEOUT`]; a failed one is logged and dropped.
-    pub fn incoming(&self, listener: TcpListener) -> Incoming {
-        let (tx, rx) = mpsc::channel(ACCEPT_QUEUE);
-        let tls = self.clone();
-        let task = tokio::spawn(async move {
-            loop {
-                let (tcp, peer) = match listener.accept().await {
-                    Ok(conn) => conn,
-                    Err(e) => {
-                        // EMFILE and friends: back off instead of spinning.
-                        tracing::warn!(error = %e, "accepting a connection failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let _ = tcp.set_nodelay(true);
-                if tx.is_closed() {
-                    return;
-                }
-                let acceptor = tls.acceptor();
-                let tx = tx.clone();
-                tokio::spawn(async move {
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                        Ok(Ok(stream)) => {
-                            let _ = tx.send(Ok(stream)).await;
-                        }
-                        Ok(Err(e)) => {
-                            tracing::info!(%peer, error = %e, "TLS handshake refused");
-                        }
-                        Err(_) => {
-                            tracing::info!(%peer, "TLS handshake timed out");
-                        }
-                    }
-                });
-            }
-        });
-        Incoming { rx, task }
-    }
-}
-
-/// The stream of handshaken connections for tonic's `serve_with_incoming`.
-/// Dropping it stops accepting.
-pub struct Incoming {
-    rx: mpsc::Receiver<io::Result<TlsStream<TcpStream>>>,
-    task: JoinHandle<()>,
-}
-
-impl futures_util::Stream for Incoming {
-    type Item = io::Result<TlsStream<TcpStream>>;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.rx.poll_recv(cx)
-    }
-}
-
-impl Drop for Incoming {
-    fn drop(&mut self) {
-        self.task.abort();
+    /// The TLS handshake on an accepted connection, with the configuration in
+    /// force now, bounded by [`HANDSHAKE_TIMEOUT`].
+    pub async fn accept(&self, tcp: TcpStream) -> io::Result<TlsStream<TcpStream>> {
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.acceptor().accept(tcp)).await {
+            Ok(result) => result,
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("TLS handshake not finished within {HANDSHAKE_TIMEOUT:?}"),
+            )),
+        }
     }
 }
 

@@ -343,6 +343,50 @@ fn abuse_limits_are_checked_and_named() {
 }
 
 #[test]
+fn transport_limits_are_checked_and_named() {
+    let cfg = load_str(
+        "[server]\nconnection_idle_timeout = \"0s\"\nmax_connections = 10\n\
+         max_connections_per_client = 10\nmax_concurrent_streams = 256\n",
+    )
+    .expect("0s turns the idle close off; the per-client cap may equal the total");
+    assert!(cfg.server.connection_idle_timeout.is_zero());
+    assert_eq!(memgate::server::connection_window(&cfg.server), 1 << 30);
+    for (toml, key) in [
+        ("[server]\nmax_connections = 0\n", "server.max_connections"),
+        (
+            "[server]\nmax_connections = 10\nmax_connections_per_client = 11\n",
+            "server.max_connections_per_client",
+        ),
+        (
+            "[server]\nmax_connections_per_client = 0\n",
+            "server.max_connections_per_client",
+        ),
+        (
+            "[server]\nmax_calls_per_client = 0\n",
+            "server.max_calls_per_client",
+        ),
+        (
+            "[server]\nconnection_idle_timeout = \"10ms\"\n",
+            "server.connection_idle_timeout",
+        ),
+        (
+            "[server]\nmax_concurrent_streams = 257\n",
+            "server.max_concurrent_streams",
+        ),
+        (
+            "[server]\nmax_local_error_reset_streams = 0\n",
+            "server.max_local_error_reset_streams",
+        ),
+        (
+            "[server]\nmax_pending_accept_reset_streams = 0\n",
+            "server.max_pending_accept_reset_streams",
+        ),
+    ] {
+        load_err(toml, &[key]);
+    }
+}
+
+#[test]
 fn bad_durations_are_errors_naming_the_key() {
     load_err(
         "[storage]\npartial_upload_expiry = \"30 parsecs\"\n",

@@ -73,6 +73,11 @@ struct MethodReason {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct MethodCode {
     method: &'static str,
     code: &'static str,
@@ -104,6 +109,9 @@ struct Inner {
     backend: Family<BackendLabel, Gauge>,
     store_requests: Family<OpOutcome, Counter>,
     store_duration: Histograms<OpLabel>,
+    connections_open: Gauge,
+    connections_refused: Family<ReasonLabel, Counter>,
+    connections_closed_idle: Counter,
     /// The local store's disk budget, read at each scrape.
     disk: OnceLock<DiskSpace>,
 }
@@ -224,7 +232,29 @@ impl Metrics {
             Unit::Seconds,
             store_duration.clone(),
         );
+        let connections_open = Gauge::default();
+        r.register(
+            "connections_open",
+            "gRPC connections open (admitted; refused ones are not counted)",
+            connections_open.clone(),
+        );
+        let connections_refused = Family::default();
+        r.register(
+            "connections_refused",
+            "gRPC connections refused, by the cap they were over \
+             (max_connections, max_connections_per_client)",
+            connections_refused.clone(),
+        );
+        let connections_closed_idle = Counter::default();
+        r.register(
+            "connections_closed_idle",
+            "gRPC connections closed with a GOAWAY after server.connection_idle_timeout without a call",
+            connections_closed_idle.clone(),
+        );
         let inner = Inner {
+            connections_open,
+            connections_refused,
+            connections_closed_idle,
             disk: OnceLock::new(),
             registry: r,
             backend,
@@ -298,6 +328,14 @@ impl Metrics {
             .get_or_create(&mc)
             .observe(duration.as_secs_f64());
         i.requests.get_or_create(&mc).inc();
+    }
+
+    /// Only the families kept here, without the guard's.
+    #[cfg(test)]
+    fn encode_own(&self) -> String {
+        let mut out = String::new();
+        text::encode_registry(&mut out, &self.inner.registry).unwrap();
+        out
     }
 
     /// The whole exposition: the counters kept here, then what `guard` shows now.
@@ -397,6 +435,27 @@ impl AdmissionObserver for Metrics {
             .reclaimed_bytes
             .get_or_create(&labels)
             .inc_by(bytes);
+    }
+}
+
+impl crate::server::TransportObserver for Metrics {
+    fn connection_opened(&self) {
+        self.inner.connections_open.inc();
+    }
+
+    fn connection_closed(&self) {
+        self.inner.connections_open.dec();
+    }
+
+    fn connection_refused(&self, reason: &'static str) {
+        self.inner
+            .connections_refused
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    fn connection_closed_idle(&self) {
+        self.inner.connections_closed_idle.inc();
     }
 }
 
@@ -534,6 +593,25 @@ mod tests {
             method: "/google.bytestream.ByteStream/Read",
         };
         assert!(i.admitted.get(&read).is_none());
+    }
+
+    #[test]
+    fn connection_events_move_their_counters() {
+        use crate::server::TransportObserver;
+        let m = Metrics::new();
+        m.connection_opened();
+        m.connection_opened();
+        m.connection_closed();
+        m.connection_refused("max_connections_per_client");
+        m.connection_closed_idle();
+        let text = m.encode_own();
+        for line in [
+            "memgate_connections_open 1",
+            "memgate_connections_refused_total{reason=\"max_connections_per_client\"} 1",
+            "memgate_connections_closed_idle_total 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
+        }
     }
 
     #[test]

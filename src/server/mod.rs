@@ -1,10 +1,13 @@
-//! Builds the gRPC server from a [`Config`]: store, services, HTTP/2 limits and
-//! the layer stack, then serves until the shutdown future resolves.
+//! Builds the gRPC server from a [`Config`]: store, services and the layer
+//! stack, served from memgate's own accept loop ([`transport`]: connection
+//! caps, idle close, HTTP/2 limits) until the shutdown future resolves.
+
+mod calls;
+mod transport;
 
 use std::future::Future;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::codec::CompressionEncoding;
 
 use std::sync::Arc;
@@ -18,12 +21,7 @@ use crate::api::{
 };
 use crate::auth::{AuthLayer, Authorizer};
 use crate::config::{Backend, Config};
-use crate::guard::{
-    Guard,
-    discover::Roots,
-    estimate::{Estimate, MethodTable},
-    jemalloc,
-};
+use crate::guard::{Guard, discover::Roots, jemalloc};
 use crate::proto::{
     FILE_DESCRIPTOR_SET, bytestream::byte_stream_server::ByteStreamServer,
     memgate_v1::payload_server::PayloadServer,
@@ -31,86 +29,11 @@ use crate::proto::{
 use crate::store::{self, Store, spawn_gc};
 use crate::tls::Tls;
 
-/// The HTTP/2 stream window. Throughput is bounded by window / RTT and by how
-/// much slack the receiver has while it is busy hashing and writing: measured on
-/// loopback (2 cores), a 150 MB Write took 285–320 ms with hyper's default 1 MiB,
-/// 205–265 ms with 2 MiB and 165–195 ms with 4 MiB. It is also what hyper may
-/// buffer for a stream whose body nobody reads yet, which the guard charges every
-/// waiting call.
-pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
-/// Streams one connection may carry at once. A gRPC channel multiplexes every call
-/// over one connection; 32 large payloads in flight on one connection is plenty,
-/// and the number bounds the connection window below.
-pub const MAX_CONCURRENT_STREAMS: u32 = 32;
-/// Room for every stream's full window, so streams that wait (unread) can never use
-/// up the connection window that admitted streams need: no head-of-line stall.
-pub const CONNECTION_WINDOW: u32 = STREAM_WINDOW * MAX_CONCURRENT_STREAMS;
-
-/// Largest HTTP/2 frame a client may send us. hyper's default of 16 KiB means
-/// ~10,000 frames, each handled and copied separately, per 150 MB upload.
-pub const MAX_FRAME_SIZE: u32 = 256 * 1024;
-
-/// Messages a Write stream may hold at once: the one in the store's queue
-/// (`UPLOAD_QUEUE`), the one being written and hashed, and the one tonic is
-/// decoding (the handler reads the next message only once the queue has room).
-/// Each is at most [`MAX_STREAM_MESSAGE`]; the reservation follows the largest
-/// seen (see [`Estimate::Stream`]).
-const WRITE_MESSAGES_IN_FLIGHT: u64 = 3;
-/// What a Write reserves per message before its first prefix is read: small
-/// messages cost no more than this.
-const FIRST_MESSAGE: u64 = 64 * 1024;
-/// A unary call's fixed costs besides its message: headers, the response, tonic's
-/// first decode buffer.
-const UNARY_OVERHEAD: u64 = 256 * 1024;
-/// Calls without a message of note (QueryWriteStatus, unknown methods).
-const SMALL_CALL: u64 = 64 * 1024;
-
-/// What each memgate method reserves; see [`Estimate`].
-pub fn method_table(cfg: &Config) -> MethodTable {
-    let window = STREAM_WINDOW as u64;
-    let read_chunk = cfg.storage.read_chunk_size.as_u64();
-    let max_message = cfg.server.max_message_size.as_u64();
-    // With S3, a Write also holds the multipart part being filled and the parts
-    // in flight.
-    let part_buffers = match cfg.storage.backend {
-        Backend::Local => 0,
-        Backend::S3 => cfg.storage.s3.stream_buffer(),
-    };
-    MethodTable::new(Estimate::Fixed(SMALL_CALL))
-        // A call keeps its reservation only while its client keeps sending or
-        // reading: a stalled one is cut (server.stream_idle_timeout, min_throughput).
-        .with_stream_limits(cfg.server.stream_limits())
-        // The HTTP/2 window hyper may buffer plus the chunks in flight: never the blob size.
-        .method(
-            "/google.bytestream.ByteStream/Write",
-            Estimate::Stream {
-                window,
-                messages: WRITE_MESSAGES_IN_FLIGHT,
-                first: FIRST_MESSAGE,
-                overhead: SMALL_CALL + part_buffers,
-                compressed: MAX_STREAM_MESSAGE as u64,
-            },
-        )
-        // The store's read-ahead (two chunks), one being encoded, and the send window.
-        .method(
-            "/google.bytestream.ByteStream/Read",
-            Estimate::Fixed(window + 4 * read_chunk),
-        )
-        .method(
-            "/google.bytestream.ByteStream/QueryWriteStatus",
-            Estimate::Fixed(SMALL_CALL),
-        )
-        // One copy: `bytes` fields share the decode buffer. An echo grows the
-        // reservation by one more copy in the handler, once it knows.
-        .method(
-            "/memgate.v1.Payload/Process",
-            Estimate::Unary {
-                copies: 1,
-                overhead: UNARY_OVERHEAD,
-                compressed: max_message,
-            },
-        )
-}
+pub use calls::{CallLimitLayer, method_table};
+pub use transport::{
+    CONNECTION_WINDOW, MAX_CONCURRENT_STREAMS, MAX_FRAME_SIZE, REFUSAL_LINGER, STREAM_WINDOW,
+    TransportObserver, connection_window,
+};
 
 /// Serves memgate on `listener` until `shutdown` resolves; in-flight calls then
 /// get up to `shutdown.grace` to finish. No admin listener.
@@ -202,6 +125,11 @@ impl Server {
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// What `/metrics` shows (shared with the running server's counters).
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     /// Serves gRPC on `grpc` and, if given, the admin routes on `admin`, until
@@ -312,46 +240,40 @@ impl Server {
         let _auth_reload = auth
             .as_ref()
             .map(|a| a.spawn_reload(cfg.auth.reload_interval));
-        let layers = tower::ServiceBuilder::new()
-            // Outermost: logs and counts every call, including ones the guard turns away.
-            .layer(AccessLogLayer::new(metrics.clone()))
-            // Then who is calling: refused before the guard reserves anything.
-            .layer(AuthLayer::new(auth))
-            // Before tonic decodes anything: reserve the call's memory or reject it.
-            .layer(guard.layer(method_table(&cfg)))
-            .into_inner();
-        let (grpc_stop, grpc_stopped) = oneshot::channel::<()>();
-        let server = tonic::transport::Server::builder()
-            .initial_stream_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONNECTION_WINDOW)
-            .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
-            .max_frame_size(MAX_FRAME_SIZE)
-            .http2_adaptive_window(Some(false))
-            // A peer that vanished without a FIN (dropped by a NAT or a balancer)
-            // holds its streams' reservations until its connection closes: a PING
-            // unanswered for keepalive_timeout closes it. Live-but-stalled
-            // clients answer PINGs; the admission layer's watchdog cuts those.
-            .http2_keepalive_interval(Some(cfg.server.keepalive_interval).filter(|d| !d.is_zero()))
-            .http2_keepalive_timeout(Some(cfg.server.keepalive_timeout))
-            // Decoded headers are not in the memory budget; this bounds them per
-            // stream (validated to at most 1 MiB, so the cast cannot truncate).
-            .http2_max_header_list_size(cfg.server.max_header_list_size.as_u64() as u32)
-            .layer(layers)
-            .add_service(health_service)
+        let table = method_table(&cfg);
+        let routes = tonic::service::Routes::new(health_service)
             .add_service(bytestream)
             .add_service(payload)
-            .add_service(reflection);
+            .add_service(reflection)
+            .prepare();
+        let service = tower::ServiceBuilder::new()
+            // Outermost: logs and counts every call, including ones the layers below turn away.
+            .layer(AccessLogLayer::new(metrics.clone()))
+            // Then who is calling: refused before anything is counted or reserved for it.
+            .layer(AuthLayer::new(auth))
+            // Then how many calls that client has going: over the cap, refused
+            // before it reserves memory or queues for it.
+            .layer(CallLimitLayer::new(
+                cfg.server.max_calls_per_client,
+                table.clone(),
+                Arc::new(metrics.clone()),
+            ))
+            // Before tonic decodes anything: reserve the call's memory or reject it.
+            .layer(guard.layer(table))
+            .service(routes);
+        let (grpc_stop, grpc_stopped) = oneshot::channel::<()>();
         let stopped = async {
             let _ = grpc_stopped.await;
         };
-        let server: std::pin::Pin<
-            Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>,
-        > = match &tls {
-            Some(tls) => Box::pin(server.serve_with_incoming_shutdown(tls.incoming(grpc), stopped)),
-            None => {
-                Box::pin(server.serve_with_incoming_shutdown(TcpListenerStream::new(grpc), stopped))
-            }
-        };
+        // memgate's own accept loop: connection caps, idle close, drain.
+        let server = transport::serve(
+            grpc,
+            tls.clone(),
+            service,
+            &cfg.server,
+            Arc::new(metrics.clone()),
+            stopped,
+        );
         tokio::pin!(server);
         health.set_started();
 
