@@ -10,14 +10,18 @@
 //! - [`payload`] and [`calls`]: in-memory payloads with known digests, and the
 //!   three kinds of call with bounded retries that honour `grpc-retry-pushback-ms`;
 //! - [`scenario`] and [`variant`]: the named workloads, one run per guard setting;
+//!   [`capacity`] paces them to the budget for the capacity figure;
 //! - [`soak`]: hours of bursts at 1.5 x the budget, and the trend of idle RSS;
+//! - [`flood`]: a quiet flood from a second address while a good client uploads;
 //! - [`report`] and [`plot`]: what a person reads afterwards.
 //!
 //! The server binary does not link any of this: the crate exists so that plotters
 //! and its image stack stay out of it.
 
 pub mod calls;
+pub mod capacity;
 pub mod cgroup;
+pub mod flood;
 pub mod metrics;
 pub mod openssl;
 pub mod payload;

@@ -13,6 +13,7 @@ use clap::{Parser, ValueEnum};
 use memgate_bench::{
     calls::RetryPolicy,
     cgroup::MachineLock,
+    flood::{self, FloodOptions},
     mib, openssl,
     plot::{self, sheet::Panel},
     report::{RunReport, fmt_mib, fmt_mib_signed, fmt_ratio},
@@ -29,6 +30,8 @@ enum Name {
     MixedOverload,
     Download,
     Soak,
+    /// A quiet flood from a second loopback address while a good client uploads.
+    Flood,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -38,6 +41,9 @@ enum Compare {
     /// The same scenario with jemalloc's heap profiler sampling
     /// (`[profiling] enabled = true`), then not; both with the guard on.
     Profiling,
+    /// The same calls paced so that their reservations fit the guard's budget
+    /// (the capacity figure), then as the scenario fires them: goodput / capacity.
+    Capacity,
 }
 
 impl Compare {
@@ -45,6 +51,7 @@ impl Compare {
         match self {
             Compare::GuardOff => scenario::Compare::GuardOff,
             Compare::Profiling => scenario::Compare::Profiling,
+            Compare::Capacity => scenario::Compare::Capacity,
         }
     }
 }
@@ -133,6 +140,37 @@ struct Cli {
     /// soak: upload workers (default: enough to reach --load-factor).
     #[arg(long)]
     upload_workers: Option<usize>,
+
+    /// flood: HTTP/2 connections the flooder opens.
+    #[arg(long, default_value_t = 16)]
+    connections: usize,
+    /// flood: Write streams per flooder connection.
+    #[arg(long, default_value_t = 64)]
+    streams: usize,
+    /// flood: bytes each flood stream pushes before it goes quiet.
+    #[arg(long, default_value = "4MiB")]
+    push: bytesize::ByteSize,
+    /// flood: blob size each flood stream declares.
+    #[arg(long, default_value = "150MB")]
+    declared: bytesize::ByteSize,
+    /// flood: how long the flooder holds its streams.
+    #[arg(long, default_value = "40s", value_parser = humantime::parse_duration)]
+    hold: Duration,
+    /// flood: when the good client starts, after the flood.
+    #[arg(long, default_value = "8s", value_parser = humantime::parse_duration)]
+    good_delay: Duration,
+    /// flood: the good client's blob.
+    #[arg(long, default_value = "50MB")]
+    good_size: bytesize::ByteSize,
+    /// flood: the flooder's (loopback) address; the good client uses 127.0.0.1.
+    #[arg(long, default_value = "127.0.0.2")]
+    flood_addr: std::net::IpAddr,
+    /// flood: the good client stops retrying this long after its first try.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    give_up: Duration,
+    /// flood: runs, each against a fresh server; median and worst are reported.
+    #[arg(long, default_value_t = 1)]
+    runs: usize,
 
     /// The JSON report (default: target/bench/<scenario>.json).
     #[arg(long)]
@@ -224,13 +262,34 @@ async fn run(cli: &Cli) -> anyhow::Result<bool> {
         eprintln!("wrote {} and {}", json.display(), png.display());
         return Ok(report.passed());
     }
+    if cli.scenario == Name::Flood {
+        let opts = FloodOptions {
+            connections: cli.connections.max(1),
+            streams: cli.streams.max(1),
+            push: cli.push.as_u64(),
+            declared: cli.declared.as_u64(),
+            hold: cli.hold,
+            good_delay: cli.good_delay,
+            good_size: cli.good_size.as_u64(),
+            flood_ip: cli.flood_addr,
+            give_up: cli.give_up,
+            runs: cli.runs.max(1),
+            ..FloodOptions::default()
+        };
+        let report = flood::run(&target, &opts).await?;
+        print!("{}", report.text());
+        write_json(&json, &report)?;
+        plot::flood::draw(&png, &report)?;
+        eprintln!("wrote {} and {}", json.display(), png.display());
+        return Ok(true);
+    }
     let scenario = match cli.scenario {
         Name::UploadSeq => Scenario::UploadSeq,
         Name::UploadBurst => Scenario::UploadBurst,
         Name::ProcessEcho => Scenario::ProcessEcho,
         Name::MixedOverload => Scenario::MixedOverload,
         Name::Download => Scenario::Download,
-        Name::Soak => unreachable!("handled above"),
+        Name::Soak | Name::Flood => unreachable!("handled above"),
     };
     let params = Params {
         size: cli.size.as_u64(),

@@ -1,6 +1,7 @@
 //! What memgate's admin listener says on `GET /metrics` (OpenMetrics text): the
-//! guard's reserved bytes, pressure level, budget and limit, and the admission
-//! and purge counters. A blocking HTTP/1.0 request on its own connection, so the
+//! guard's reserved bytes, pressure level, budget and limit, the admission and
+//! purge counters, and (from servers that export them) the largest client's
+//! reservation and the reclaims by reason. A blocking HTTP/1.0 request on its own connection, so the
 //! sampler thread needs no runtime; the response and the text are parsed by pure
 //! functions, tested below on real output.
 
@@ -30,6 +31,70 @@ pub struct GuardReading {
     pub purges: Option<u64>,
     pub purge_released: Option<u64>,
     pub oom_kills: Option<u64>,
+    /// `memgate_memory_largest_client_reserved_bytes`: what the client holding
+    /// most has reserved. `None` (and left out of the JSON) where not exported.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub largest_client_reserved: Option<u64>,
+    /// `memgate_memory_reclaimed{,_bytes}_total` by reason, every method summed;
+    /// `None` (and left out of the JSON) where the families are not exported.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reclaims: Option<Reclaims>,
+}
+
+/// Memory the guard took back from admitted calls, by reason (totals since
+/// the server started).
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct Reclaims {
+    /// From a client holding more than its share while others waited.
+    pub share: Reclaimed,
+    /// From a stream that received nothing for the grace period.
+    pub idle: Reclaimed,
+    /// Because reservations exceeded the budget.
+    pub overcommit: Reclaimed,
+    /// Any reason this bench does not know by name.
+    pub other: Reclaimed,
+}
+
+/// How many reclaims, and how many bytes they released.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct Reclaimed {
+    pub count: u64,
+    pub bytes: u64,
+}
+
+impl Reclaims {
+    /// Every reason together.
+    pub fn total(&self) -> Reclaimed {
+        let all = [self.share, self.idle, self.overcommit, self.other];
+        Reclaimed {
+            count: all.iter().map(|r| r.count).sum(),
+            bytes: all.iter().map(|r| r.bytes).sum(),
+        }
+    }
+
+    /// What happened between `earlier` and `self` (counters only grow; a
+    /// restarted server's would not, and saturate at 0).
+    pub fn since(&self, earlier: &Reclaims) -> Reclaims {
+        let d = |a: Reclaimed, b: Reclaimed| Reclaimed {
+            count: a.count.saturating_sub(b.count),
+            bytes: a.bytes.saturating_sub(b.bytes),
+        };
+        Reclaims {
+            share: d(self.share, earlier.share),
+            idle: d(self.idle, earlier.idle),
+            overcommit: d(self.overcommit, earlier.overcommit),
+            other: d(self.other, earlier.other),
+        }
+    }
+
+    fn of(&mut self, reason: &str) -> &mut Reclaimed {
+        match reason {
+            "share" => &mut self.share,
+            "idle" => &mut self.idle,
+            "overcommit" => &mut self.overcommit,
+            _ => &mut self.other,
+        }
+    }
 }
 
 /// `GET /metrics` from `admin`, parsed.
@@ -94,7 +159,40 @@ pub fn reading(text: &str) -> GuardReading {
         purges: bytes("memgate_purges_total"),
         purge_released: bytes("memgate_purge_released_bytes_total"),
         oom_kills: bytes("memgate_cgroup_oom_kills_total"),
+        largest_client_reserved: bytes("memgate_memory_largest_client_reserved_bytes"),
+        reclaims: reclaims(text, &scrape),
     }
+}
+
+/// The reclaim counters by reason. A labelled family shows no sample before its
+/// first increment, so a family that is declared (`# TYPE`) but empty is zero,
+/// and one that is not declared at all is `None`: a server without reclaim.
+fn reclaims(text: &str, scrape: &Scrape) -> Option<Reclaims> {
+    let declared = |family: &str| {
+        text.lines().any(|l| {
+            l.strip_prefix("# TYPE ")
+                .and_then(|rest| rest.split_whitespace().next())
+                .is_some_and(|name| name == family || name == format!("{family}_total"))
+        })
+    };
+    let (count, bytes) = ("memgate_memory_reclaimed", "memgate_memory_reclaimed_bytes");
+    if !declared(count) && !declared(bytes) {
+        return None;
+    }
+    let mut r = Reclaims::default();
+    for sample in &scrape.samples {
+        let (Value::Counter(v) | Value::Untyped(v)) = sample.value else {
+            continue;
+        };
+        let reason = sample.labels.get("reason").unwrap_or_default();
+        let v = v.max(0.0) as u64;
+        if sample.metric == format!("{count}_total") {
+            r.of(reason).count += v;
+        } else if sample.metric == format!("{bytes}_total") {
+            r.of(reason).bytes += v;
+        }
+    }
+    Some(r)
 }
 
 #[cfg(test)]
@@ -153,9 +251,65 @@ memgate_purge_released_bytes_total 314572800
                 purges: Some(7),
                 purge_released: Some(314_572_800),
                 oom_kills: Some(0),
+                largest_client_reserved: None,
+                reclaims: None,
             }
         );
         assert_eq!(reading("# EOF\n"), GuardReading::default());
+    }
+
+    #[test]
+    fn reads_reclaims_and_the_largest_client() {
+        // The families the guard exports once it reclaims; the counters by
+        // reason summed over methods, an unknown reason kept apart.
+        let text = r#"# TYPE memgate_memory_reserved_bytes gauge
+memgate_memory_reserved_bytes 41943040
+# TYPE memgate_memory_largest_client_reserved_bytes gauge
+# UNIT memgate_memory_largest_client_reserved_bytes bytes
+memgate_memory_largest_client_reserved_bytes 20971520
+# TYPE memgate_memory_reclaimed counter
+memgate_memory_reclaimed_total{method="/google.bytestream.ByteStream/Write",reason="share"} 3
+memgate_memory_reclaimed_total{method="/google.bytestream.ByteStream/Read",reason="share"} 1
+memgate_memory_reclaimed_total{method="/google.bytestream.ByteStream/Write",reason="idle"} 2
+memgate_memory_reclaimed_total{method="/google.bytestream.ByteStream/Write",reason="later"} 1
+# TYPE memgate_memory_reclaimed_bytes counter
+# UNIT memgate_memory_reclaimed_bytes bytes
+memgate_memory_reclaimed_bytes_total{method="/google.bytestream.ByteStream/Write",reason="share"} 62914560
+memgate_memory_reclaimed_bytes_total{method="/google.bytestream.ByteStream/Write",reason="idle"} 41943040
+# EOF
+"#;
+        let r = reading(text);
+        assert_eq!(r.largest_client_reserved, Some(20 * 1024 * 1024));
+        let reclaims = r.reclaims.expect("declared families");
+        assert_eq!(
+            reclaims.share,
+            Reclaimed {
+                count: 4,
+                bytes: 60 * 1024 * 1024
+            }
+        );
+        assert_eq!(
+            reclaims.idle,
+            Reclaimed {
+                count: 2,
+                bytes: 40 * 1024 * 1024
+            }
+        );
+        assert_eq!(reclaims.overcommit, Reclaimed::default());
+        assert_eq!(reclaims.other.count, 1);
+        assert_eq!(reclaims.total().count, 7);
+        let later = Reclaims {
+            idle: Reclaimed { count: 5, bytes: 1 },
+            ..reclaims
+        };
+        assert_eq!(later.since(&reclaims).idle.count, 3);
+        assert_eq!(later.since(&reclaims).share, Reclaimed::default());
+
+        // Declared but not yet incremented: zero, not absent.
+        let empty = reading("# TYPE memgate_memory_reclaimed counter\n# EOF\n");
+        assert_eq!(empty.reclaims, Some(Reclaims::default()));
+        // Not declared at all (a server without reclaim): absent.
+        assert_eq!(reading(EXPOSITION).reclaims, None);
     }
 
     #[test]

@@ -88,6 +88,9 @@ pub struct Summary {
     pub ratio_to_one_openssl: Option<f64>,
     pub ok_attempt_latency: Latency,
     pub call_time: Latency,
+    /// p99 of the call time (first try to final answer) over p99 of the
+    /// successful attempt alone: what refusals and retries add.
+    pub call_time_p99_over_ok_attempt_p99: Option<f64>,
     pub by_kind: BTreeMap<&'static str, KindSummary>,
     /// Every attempt's ending, by gRPC code name.
     pub status_counts: BTreeMap<String, u64>,
@@ -176,6 +179,8 @@ impl Summary {
         let first = m.samples.iter().find(|s| s.guard.purges.is_some());
         let last = m.samples.iter().rev().find(|s| s.guard.purges.is_some());
         let delta = |f: &dyn Fn(&Sample) -> Option<u64>| Some(f(last?)?.saturating_sub(f(first?)?));
+        let ok_attempt_latency = Latency::of(&ok_attempts(&mut m.calls.iter()));
+        let call_time = Latency::of(&call_times(&mut m.calls.iter()));
         Summary {
             calls: m.calls.len(),
             calls_ok: m.calls.iter().filter(|c| c.succeeded()).count(),
@@ -185,8 +190,12 @@ impl Summary {
             mb_per_s,
             ratio_to_openssl: m.openssl.map(|o| mb_per_s / o.parallel_mb_s),
             ratio_to_one_openssl: m.openssl.map(|o| mb_per_s / o.one_process_mb_s),
-            ok_attempt_latency: Latency::of(&ok_attempts(&mut m.calls.iter())),
-            call_time: Latency::of(&call_times(&mut m.calls.iter())),
+            ok_attempt_latency,
+            call_time,
+            call_time_p99_over_ok_attempt_p99: match (call_time.p99, ok_attempt_latency.p99) {
+                (Some(c), Some(a)) if a > 0.0 => Some(c / a),
+                _ => None,
+            },
             by_kind,
             status_counts,
             idle_rss: m.idle_rss,
@@ -377,7 +386,8 @@ impl RunReport {
                 out,
                 "-- {} -- server {}, OOM kills {}\n  calls OK {}/{} ({} attempts), {:.0} MB/s \
                  (x{} openssl, x{} one openssl) over {:.1} s\n  status: {}\n  latency of OK \
-                 attempts p50 {} p99 {}; call time p50 {} p99 {}\n  RSS idle {}, peak {} ({}), \
+                 attempts p50 {} p99 {}; call time p50 {} p99 {} (p99 x{} the OK attempt's)\n  \
+                 RSS idle {}, peak {} ({}), \
                  1 s after {} ({}); peak working set {}, peak reserved {}, cgroup peak {}\n  \
                  admissions {}, rejections {}, purges {} releasing {}",
                 v.label,
@@ -403,6 +413,7 @@ impl RunReport {
                 fmt_s(s.ok_attempt_latency.p99),
                 fmt_s(s.call_time.p50),
                 fmt_s(s.call_time.p99),
+                fmt_ratio(s.call_time_p99_over_ok_attempt_p99),
                 fmt_mib(s.idle_rss),
                 fmt_mib(s.peak_rss),
                 fmt_mib_signed(s.peak_rss_growth),
@@ -415,6 +426,17 @@ impl RunReport {
                 s.rejections.map_or("n/a".into(), |v| v.to_string()),
                 s.purges.map_or("n/a".into(), |v| v.to_string()),
                 fmt_mib(s.purge_released_bytes),
+            );
+        }
+        if let Some(c) = self
+            .comparison
+            .as_ref()
+            .filter(|c| c.variants[1].starts_with("capacity"))
+        {
+            let _ = writeln!(
+                out,
+                "-- capacity figure -- goodput under overload / throughput paced to the budget: x{}",
+                fmt_ratio(c.throughput_ratio)
             );
         }
         if let Some(c) = &self.comparison {

@@ -97,6 +97,9 @@ pub struct Plan {
     pub payloads: usize,
     /// One line for titles: "16 × 150 MB uploads + 8 × Process (echo), at once".
     pub description: String,
+    /// Launch each call only when its reservation fits the guard's budget
+    /// beside the calls in flight (the capacity run, see [`crate::capacity`]).
+    pub fit_budget: bool,
 }
 
 impl Plan {
@@ -114,6 +117,7 @@ impl Plan {
                 concurrency: 1,
                 payloads: n,
                 description: format!("{n} × {size} uploads, one at a time"),
+                fit_budget: false,
             },
             Scenario::UploadBurst => Plan {
                 setup: vec![],
@@ -121,6 +125,7 @@ impl Plan {
                 concurrency: upto(n),
                 payloads: n,
                 description: format!("{n} × {size} uploads, {} at once", upto(n)),
+                fit_budget: false,
             },
             Scenario::ProcessEcho => Plan {
                 setup: vec![],
@@ -128,6 +133,7 @@ impl Plan {
                 concurrency: upto(1),
                 payloads: n,
                 description: format!("{n} × {size} Process with echo, {} at a time", upto(1)),
+                fit_budget: false,
             },
             Scenario::MixedOverload => {
                 let kind = if p.echo {
@@ -147,6 +153,7 @@ impl Plan {
                         p.uploads, p.process
                     ),
                     calls,
+                    fit_budget: false,
                 }
             }
             Scenario::Download => Plan {
@@ -155,6 +162,7 @@ impl Plan {
                 concurrency: upto(n),
                 payloads: n,
                 description: format!("{n} × {size} downloads, {} at once", upto(n)),
+                fit_budget: false,
             },
         }
     }
@@ -181,6 +189,10 @@ pub enum Compare {
     /// `[profiling] enabled` true (jemalloc sampling at its configured
     /// interval), then false (the profiler loaded but not sampling).
     Profiling,
+    /// The same calls paced to fit the guard's budget (the capacity figure),
+    /// then as the scenario fires them; the comparison is the second (goodput
+    /// under overload) over the first.
+    Capacity,
 }
 
 impl Compare {
@@ -211,6 +223,13 @@ impl Compare {
                 ("profiling on", profiling(true)),
                 ("profiling off", profiling(false)),
             ],
+            Compare::Capacity => {
+                let on = || Setup {
+                    guard: Some(true),
+                    env: Vec::new(),
+                };
+                [("capacity (paced to the budget)", on()), ("overload", on())]
+            }
         }
     }
 }
@@ -253,7 +272,11 @@ pub async fn run_compared(
         (None, Target::External(_)) => vec![("as running", Setup::default())],
     };
     let mut variants: Vec<VariantReport> = Vec::new();
-    for (label, setup) in setups {
+    for (i, (label, setup)) in setups.into_iter().enumerate() {
+        let plan = Plan {
+            fit_budget: compare == Some(Compare::Capacity) && i == 0,
+            ..plan.clone()
+        };
         eprintln!(
             "memgate-bench: {} ({label}): {}",
             scenario.name(),
@@ -272,8 +295,10 @@ pub async fn run_compared(
         .with_context(|| format!("{} ({label})", scenario.name()))?;
         variants.push(v);
     }
-    let comparison = match variants.as_slice() {
-        [a, b] => Some(Comparison::of(a, b)),
+    let comparison = match (variants.as_slice(), compare) {
+        // Goodput under overload over the capacity figure.
+        ([capacity, overload], Some(Compare::Capacity)) => Some(Comparison::of(overload, capacity)),
+        ([a, b], _) => Some(Comparison::of(a, b)),
         _ => None,
     };
     Ok(RunReport::new(

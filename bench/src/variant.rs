@@ -126,7 +126,19 @@ pub async fn run_with(
         origin,
         scratch: params.scratch.clone(),
     };
-    let calls = launch.all(plan, payloads, &data).await;
+    // The capacity run: calls paced so that their reservations fit the budget.
+    let fit = match plan.fit_budget {
+        false => None,
+        true => {
+            let budget = watch
+                .borrow()
+                .guard
+                .budget
+                .context("pacing calls to the budget needs the guard's budget from /metrics")?;
+            Some(crate::capacity::Fit::new(budget))
+        }
+    };
+    let calls = launch.all(plan, payloads, &data, fit.as_ref()).await;
     drop(data);
 
     let load_start = calls.iter().map(|c| c.start).fold(f64::INFINITY, f64::min);
@@ -190,22 +202,34 @@ pub struct Launch {
 }
 
 impl Launch {
-    /// Launches every call of `plan` in order, at most `plan.concurrency` at once,
-    /// and waits for all of them.
+    /// Launches every call of `plan` in order, at most `plan.concurrency` at once
+    /// (and, with `fit`, only while their reservations fit the budget), and
+    /// waits for all of them.
     async fn all(
         &self,
         plan: &Plan,
         payloads: &[Payload],
         data: &HashMap<usize, Bytes>,
+        fit: Option<&crate::capacity::Fit>,
     ) -> Vec<CallRecord> {
         let slots = Arc::new(Semaphore::new(plan.concurrency));
         let mut tasks = Vec::new();
         for (n, &(kind, i)) in plan.calls.iter().enumerate() {
             let (launch, slots) = (self.clone(), slots.clone());
             let (payload, data) = (payloads[i].clone(), data.get(&i).cloned());
+            // Taken here, in launch order, so that pacing keeps the plan's order.
+            let room = match fit {
+                Some(f) => Some(
+                    f.admit(crate::capacity::reservation(kind, payload.size()))
+                        .await,
+                ),
+                None => None,
+            };
             tasks.push(tokio::spawn(async move {
                 let _slot = slots.acquire_owned().await.expect("never closed");
-                launch.call(n, kind, &payload, data, None).await
+                let record = launch.call(n, kind, &payload, data, None).await;
+                drop(room);
+                record
             }));
         }
         let mut calls = Vec::new();
