@@ -11,6 +11,7 @@
 //!   three kinds of call with bounded retries that honour `grpc-retry-pushback-ms`;
 //! - [`scenario`] and [`variant`]: the named workloads, one run per guard setting;
 //! - [`soak`]: hours of bursts at 1.5 x the budget, and the trend of idle RSS;
+//! - [`resize`]: the cgroup limit lowered under a running burst;
 //! - [`report`] and [`plot`]: what a person reads afterwards.
 //!
 //! The server binary does not link any of this: the crate exists so that plotters
@@ -23,6 +24,7 @@ pub mod openssl;
 pub mod payload;
 pub mod plot;
 pub mod report;
+pub mod resize;
 pub mod scenario;
 pub mod soak;
 pub mod stats;

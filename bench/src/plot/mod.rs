@@ -3,9 +3,11 @@
 //! picture looks the same on every machine and nothing looks fonts up.
 //!
 //! [`sheet`] draws a scenario: one panel per variant (guard on above guard off),
-//! same axes. [`soak`] draws a soak run and the trend of its idle readings.
+//! same axes. [`soak`] draws a soak run and the trend of its idle readings,
+//! [`resize`] a run whose limit shrank under it.
 
 mod legend;
+pub mod resize;
 pub mod sheet;
 pub mod soak;
 
