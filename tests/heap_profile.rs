@@ -271,7 +271,7 @@ async fn a_held_process_call_shows_up_under_the_decode_path() {
     // The call's 150 MB: tonic's decoder, inside the Payload service.
     let held = p.bytes_under(&[
         "tonic::codec::decode::",
-        "memgate::proto::memgate_v1::payload_server::",
+        "memgate::api::payload::server::PayloadServer",
     ]);
     assert!(
         held >= PAYLOAD as i64,

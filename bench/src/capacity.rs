@@ -17,18 +17,25 @@ use crate::calls::Kind;
 /// What memgate's guard reserves for a call of `kind` carrying `size` bytes.
 pub fn reservation(kind: Kind, size: u64) -> u64 {
     let table = memgate::server::method_table(&memgate::config::Config::default());
-    let (path, echo) = match kind {
-        Kind::Upload => ("/google.bytestream.ByteStream/Write", false),
-        Kind::Download => ("/google.bytestream.ByteStream/Read", false),
-        Kind::Process => ("/memgate.v1.Payload/Process", false),
-        Kind::ProcessEcho => ("/memgate.v1.Payload/Process", true),
+    let path = match kind {
+        Kind::Upload => "/google.bytestream.ByteStream/Write",
+        Kind::Download => "/google.bytestream.ByteStream/Read",
+        // An echo is framed from the request's own bytes: one copy either way.
+        Kind::Process | Kind::ProcessEcho => "/memgate.v1.Payload/Process",
     };
     match table.classify(path).estimate {
         Estimate::Fixed(n) => n,
-        // An echo grows the reservation by one more copy once the handler knows.
+        // The bench's uploads send 1 MiB messages.
+        Estimate::Stream {
+            window,
+            messages,
+            first,
+            overhead,
+            ..
+        } => window + overhead + messages * first.max(crate::payload::CHUNK as u64),
         Estimate::Unary {
             copies, overhead, ..
-        } => (copies + u64::from(echo)) * size + overhead,
+        } => copies * size + overhead,
         Estimate::Bypass => 0,
     }
 }

@@ -13,6 +13,7 @@
 //!   [`capacity`] paces them to the budget for the capacity figure;
 //! - [`soak`]: hours of bursts at 1.5 x the budget, and the trend of idle RSS;
 //! - [`flood`]: a quiet flood from a second address while a good client uploads;
+//! - [`resize`]: the cgroup limit lowered under a running burst;
 //! - [`report`] and [`plot`]: what a person reads afterwards.
 //!
 //! The server binary does not link any of this: the crate exists so that plotters
@@ -27,6 +28,7 @@ pub mod openssl;
 pub mod payload;
 pub mod plot;
 pub mod report;
+pub mod resize;
 pub mod scenario;
 pub mod soak;
 pub mod stats;

@@ -17,6 +17,7 @@ use memgate_bench::{
     mib, openssl,
     plot::{self, sheet::Panel},
     report::{RunReport, fmt_mib, fmt_mib_signed, fmt_ratio},
+    resize::{self, ResizeOptions},
     scenario::{self, Conn, Params, Scenario},
     soak::{self, SoakOptions},
     target::{External, SpawnOptions, Target},
@@ -32,6 +33,7 @@ enum Name {
     Soak,
     /// A quiet flood from a second loopback address while a good client uploads.
     Flood,
+    Resize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -74,12 +76,12 @@ struct Cli {
     /// Calls in flight at once (upload-burst and download: all; process-echo: 1).
     #[arg(long)]
     concurrency: Option<usize>,
-    /// mixed-overload: uploads.
-    #[arg(long, default_value_t = 16)]
-    uploads: usize,
-    /// mixed-overload: Process calls.
-    #[arg(long, default_value_t = 8)]
-    process: usize,
+    /// mixed-overload (16) and resize (8): uploads.
+    #[arg(long)]
+    uploads: Option<usize>,
+    /// mixed-overload (8) and resize (4): Process calls.
+    #[arg(long)]
+    process: Option<usize>,
     /// mixed-overload: Process calls without echo.
     #[arg(long)]
     no_echo: bool,
@@ -93,9 +95,10 @@ struct Cli {
     #[arg(long, value_enum)]
     compare: Option<Compare>,
 
-    /// Memory limit of the child cgroup the server runs in.
-    #[arg(long, default_value = "512MiB")]
-    limit: bytesize::ByteSize,
+    /// Memory limit of the child cgroup the server runs in (512MiB; resize: 1GiB,
+    /// the limit before the resize).
+    #[arg(long)]
+    limit: Option<bytesize::ByteSize>,
     /// The memgate binary (default: `memgate` beside this program).
     #[arg(long)]
     memgate: Option<PathBuf>,
@@ -171,6 +174,15 @@ struct Cli {
     /// flood: runs, each against a fresh server; median and worst are reported.
     #[arg(long, default_value_t = 1)]
     runs: usize,
+    /// resize: the limit the cgroup is lowered to.
+    #[arg(long, default_value = "512MiB")]
+    resize_to: bytesize::ByteSize,
+    /// resize: when, after the burst started, the limit is lowered.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    resize_at: Duration,
+    /// resize: put the old limit back this long after the lower one took effect.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    resize_for: Option<Duration>,
 
     /// The JSON report (default: target/bench/<scenario>.json).
     #[arg(long)]
@@ -283,20 +295,43 @@ async fn run(cli: &Cli) -> anyhow::Result<bool> {
         eprintln!("wrote {} and {}", json.display(), png.display());
         return Ok(true);
     }
+    if cli.scenario == Name::Resize {
+        let opts = ResizeOptions {
+            resize_to: cli.resize_to.as_u64(),
+            resize_at: cli.resize_at,
+            resize_for: cli.resize_for,
+            uploads: cli.uploads.unwrap_or(8),
+            process: cli.process.unwrap_or(4),
+            size: cli.size.as_u64(),
+            echo: !cli.no_echo,
+            conn: cli.conn,
+            retry: RetryPolicy {
+                max_attempts: cli.max_attempts.max(1),
+                ..ResizeOptions::default().retry
+            },
+            ..ResizeOptions::default()
+        };
+        let report = resize::run(&target, &opts).await?;
+        print!("{}", report.text());
+        write_json(&json, &report)?;
+        plot::resize::draw(&png, &report)?;
+        eprintln!("wrote {} and {}", json.display(), png.display());
+        return Ok(report.passed());
+    }
     let scenario = match cli.scenario {
         Name::UploadSeq => Scenario::UploadSeq,
         Name::UploadBurst => Scenario::UploadBurst,
         Name::ProcessEcho => Scenario::ProcessEcho,
         Name::MixedOverload => Scenario::MixedOverload,
         Name::Download => Scenario::Download,
-        Name::Soak | Name::Flood => unreachable!("handled above"),
+        Name::Soak | Name::Flood | Name::Resize => unreachable!("handled above"),
     };
     let params = Params {
         size: cli.size.as_u64(),
         count: cli.count,
         concurrency: cli.concurrency,
-        uploads: cli.uploads,
-        process: cli.process,
+        uploads: cli.uploads.unwrap_or(16),
+        process: cli.process.unwrap_or(8),
         echo: !cli.no_echo,
         conn: cli.conn,
         retry,
@@ -337,9 +372,13 @@ fn target(cli: &Cli) -> anyhow::Result<Target> {
         }
         None => "[log]\nlevel = \"info\"\n".to_string(),
     };
+    let default_limit = match cli.scenario {
+        Name::Resize => bytesize::ByteSize::gib(1),
+        _ => bytesize::ByteSize::mib(512),
+    };
     Ok(Target::Spawn(SpawnOptions {
         binary,
-        limit: cli.limit.as_u64(),
+        limit: cli.limit.unwrap_or(default_limit).as_u64(),
         config_toml,
         data_root: cli.data_root.clone().unwrap_or_else(std::env::temp_dir),
     }))

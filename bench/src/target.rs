@@ -14,7 +14,7 @@ use anyhow::{Context as _, bail};
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
 
 use crate::{
-    cgroup::{ChildCgroup, MemgateProcess, ServerSpec, spawn_memgate_in},
+    cgroup::{ChildCgroup, LimitError, MemgateProcess, ServerSpec, Version, spawn_memgate_in},
     timeline::Sources,
 };
 
@@ -195,6 +195,27 @@ impl Running {
 
     pub fn cgroup_path(&self) -> Option<&Path> {
         self.cgroup.as_ref().map(ChildCgroup::path)
+    }
+
+    /// The hierarchy our cgroup lives in; `None` for a server we did not start.
+    pub fn cgroup_version(&self) -> Option<Version> {
+        self.cgroup.as_ref().map(ChildCgroup::version)
+    }
+
+    /// Changes our cgroup's limit under the running server (see
+    /// [`ChildCgroup::set_limit`]); the limit in force.
+    pub fn set_cgroup_limit(&mut self, bytes: u64) -> anyhow::Result<Result<u64, LimitError>> {
+        match self.cgroup.as_mut() {
+            Some(cg) => Ok(cg.set_limit(bytes)),
+            None => bail!("the cgroup limit can only be changed for a server the bench starts"),
+        }
+    }
+
+    /// Restarts our cgroup's high-water mark from its current usage; whether it could.
+    pub fn reset_cgroup_peak(&self) -> bool {
+        self.cgroup
+            .as_ref()
+            .is_some_and(|c| c.reset_peak_usage().unwrap_or(false))
     }
 
     /// OOM kills in our cgroup so far; `None` for a server we did not start.

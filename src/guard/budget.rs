@@ -53,6 +53,10 @@ impl Pressure {
 
 /// A level is left only once usage falls this share of the budget below its watermark.
 const HYSTERESIS: f64 = 0.05;
+/// Calls this small (QueryWriteStatus: where a client resumes from) are
+/// admitted at any pressure while they fit: refusing them frees nothing, and a
+/// client that cannot ask where to resume cannot give memory back in order.
+pub const TINY_CALL: u64 = 64 * 1024;
 /// Wait charges the wait room holds (see [`Limits::wait_room`]): enough for a
 /// few clients to wait at once; more wait in the rest of the budget if it fits.
 pub const WAIT_ROOM_CHARGES: u64 = 4;
@@ -396,7 +400,7 @@ impl State {
         match self.pressure {
             Pressure::Normal => true,
             Pressure::Elevated => bytes <= self.limits.small_request,
-            Pressure::Critical => false,
+            Pressure::Critical => bytes <= TINY_CALL,
         }
     }
 
@@ -1048,6 +1052,8 @@ mod tests {
         assert!(matches!(b.try_acquire(5 * MIB), Ok(Admission::Queued(_))));
         b.observe(96 * MIB, limits(100 * MIB));
         assert_eq!(b.view().pressure, Pressure::Critical);
+        // At critical pressure only a tiny call (QueryWriteStatus) gets in.
+        drop(now(b.try_acquire(TINY_CALL)));
         b.observe(92 * MIB, limits(100 * MIB));
         assert_eq!(b.view().pressure, Pressure::Critical, "within hysteresis");
         b.observe(89 * MIB, limits(100 * MIB));

@@ -50,6 +50,33 @@ impl fmt::Display for Unavailable {
 
 impl std::error::Error for Unavailable {}
 
+/// Why [`ChildCgroup::set_limit`] did not apply a limit.
+#[derive(Debug)]
+pub enum LimitError {
+    /// v1 refused a limit below what the cgroup holds and could not reclaim
+    /// (EBUSY); `usage` is what it held just after.
+    Busy {
+        usage: Option<u64>,
+    },
+    Io(io::Error),
+}
+
+impl fmt::Display for LimitError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LimitError::Busy { usage } => write!(
+                f,
+                "the kernel refused the limit (EBUSY): the cgroup holds more ({}) and cannot \
+                 reclaim enough",
+                usage.map_or("unknown".into(), |u| format!("{:.1} MiB", crate::mib(u)))
+            ),
+            LimitError::Io(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for LimitError {}
+
 /// A child of this process's memory cgroup with a hard limit; removed on drop.
 pub struct ChildCgroup {
     dir: PathBuf,
@@ -101,40 +128,86 @@ impl ChildCgroup {
             version,
             limit: limit_bytes,
         };
-        cg.set_limit(limit_bytes)?;
+        cg.set_limit(limit_bytes)
+            .map_err(|e| Unavailable(format!("cannot limit {}: {e}", cg.dir.display())))?;
         Ok(cg)
     }
 
-    fn set_limit(&mut self, limit: u64) -> Result<(), Unavailable> {
+    /// Sets the hard limit to `limit` bytes (swap included where the kernel
+    /// accounts it) while the cgroup runs, and returns the limit in force (v1
+    /// rounds down to whole pages). This is what a Kubernetes in-place resize
+    /// does to a container's cgroup, with no signal to the process inside.
+    ///
+    /// v1 tries to reclaim down to a lower limit and refuses it with EBUSY when
+    /// it cannot ([`LimitError::Busy`]: retry once usage has fallen); v2 takes
+    /// any limit at once and reclaims, then OOM-kills, to meet it.
+    pub fn set_limit(&mut self, limit: u64) -> Result<u64, LimitError> {
         let value = limit.to_string();
         match self.version {
             Version::V1 => {
-                self.write("memory.limit_in_bytes", &value)?;
-                // memsw (memory + swap) must stay >= the memory limit, so it goes second.
-                if self.file("memory.memsw.limit_in_bytes").exists() {
-                    self.write("memory.memsw.limit_in_bytes", &value)?;
+                // memory.memsw.limit_in_bytes (memory + swap) may never be below
+                // memory.limit_in_bytes: lower memory first, raise memsw first.
+                let memsw = self.file("memory.memsw.limit_in_bytes").exists();
+                let current = self
+                    .read_u64("memory.limit_in_bytes")
+                    .map_err(LimitError::Io)?;
+                let raising = limit > current;
+                if memsw && raising {
+                    self.write_limit("memory.memsw.limit_in_bytes", &value)?;
                 }
-                // The kernel rounds down to whole pages; report what it applied.
-                self.limit = self.read_u64("memory.limit_in_bytes").map_err(|e| {
-                    Unavailable(format!("cannot read back memory.limit_in_bytes: {e}"))
-                })?;
+                self.write_limit("memory.limit_in_bytes", &value)?;
+                if memsw && !raising {
+                    self.write_limit("memory.memsw.limit_in_bytes", &value)?;
+                }
+                self.limit = self
+                    .read_u64("memory.limit_in_bytes")
+                    .map_err(LimitError::Io)?;
             }
             Version::V2 => {
                 if !self.file("memory.max").exists() {
-                    return Err(Unavailable(format!(
-                        "the memory controller is not enabled for children of {} (add \
-                         `+memory` to its cgroup.subtree_control; v2 refuses that while the \
-                         cgroup itself holds processes)",
-                        self.dir.parent().unwrap_or(&self.dir).display()
+                    return Err(LimitError::Io(io::Error::new(
+                        io::ErrorKind::NotFound,
+                        format!(
+                            "the memory controller is not enabled for children of {} (add \
+                             `+memory` to its cgroup.subtree_control; v2 refuses that while the \
+                             cgroup itself holds processes)",
+                            self.dir.parent().unwrap_or(&self.dir).display()
+                        ),
                     )));
                 }
-                self.write("memory.max", &value)?;
+                self.write_limit("memory.max", &value)?;
                 if self.file("memory.swap.max").exists() {
-                    self.write("memory.swap.max", "0")?;
+                    self.write_limit("memory.swap.max", "0")?;
                 }
+                self.limit = limit;
             }
         }
-        Ok(())
+        Ok(self.limit)
+    }
+
+    fn write_limit(&self, name: &str, value: &str) -> Result<(), LimitError> {
+        fs::write(self.file(name), value).map_err(|e| match e.raw_os_error() {
+            Some(libc::EBUSY) => LimitError::Busy {
+                usage: self.usage().ok(),
+            },
+            _ => LimitError::Io(io::Error::new(
+                e.kind(),
+                format!(
+                    "cannot write {value:?} to {}: {e}",
+                    self.file(name).display()
+                ),
+            )),
+        })
+    }
+
+    /// Starts the high-water mark ([`ChildCgroup::peak_usage`]) afresh from the
+    /// current usage; `false` where the kernel offers no reset (v2 resets are per
+    /// open file, so a later read would not see them).
+    pub fn reset_peak_usage(&self) -> io::Result<bool> {
+        match self.version {
+            Version::V1 => fs::write(self.file("memory.max_usage_in_bytes"), "0").map(|()| true),
+            Version::V2 => Ok(false),
+        }
     }
 
     /// The cgroup's directory.
@@ -199,15 +272,6 @@ impl ChildCgroup {
 
     fn file(&self, name: &str) -> PathBuf {
         self.dir.join(name)
-    }
-
-    fn write(&self, name: &str, value: &str) -> Result<(), Unavailable> {
-        fs::write(self.file(name), value).map_err(|e| {
-            Unavailable(format!(
-                "cannot write {value:?} to {}: {e}",
-                self.file(name).display()
-            ))
-        })
     }
 
     fn read_u64(&self, name: &str) -> io::Result<u64> {

@@ -5,9 +5,11 @@
 //! [`sheet`] draws a scenario: one panel per variant (guard on above guard off),
 //! same axes. [`soak`] draws a soak run and the trend of its idle readings.
 //! [`flood`] draws a flood: what the flooder held and the good client's tries.
+//! [`resize`] draws a run whose limit shrank under it.
 
 pub mod flood;
 mod legend;
+pub mod resize;
 pub mod sheet;
 pub mod soak;
 

@@ -11,7 +11,6 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use bytes::Bytes;
-use memgate::guard::estimate::{Estimate, Estimator as _};
 use tokio::sync::watch;
 
 use super::{Burst, IdleReading, SoakOptions, SoakReport, Workers};
@@ -152,26 +151,18 @@ fn server_info(running: &Running, budget: u64, exit_status: Option<String>) -> S
 /// How many workers of each kind offer `load_factor` x `budget`, by the
 /// reservations memgate's own method table makes for each call.
 pub fn plan_workers(opts: &SoakOptions, budget: u64) -> Workers {
-    let table = memgate::server::method_table(&memgate::config::Config::default());
-    let reserve = |path: &str, echo: bool| match table.classify(path).estimate {
-        Estimate::Fixed(n) => n,
-        // The bench's uploads send 1 MiB messages.
-        Estimate::Stream {
-            window,
-            messages,
-            first,
-            overhead,
-            ..
-        } => window + overhead + messages * first.max(crate::payload::CHUNK as u64),
-        Estimate::Unary {
-            copies, overhead, ..
-        } => (copies + u64::from(echo)) * opts.size + overhead,
-        Estimate::Bypass => 0,
-    };
-    let write = reserve("/google.bytestream.ByteStream/Write", false).max(1);
-    let read = reserve("/google.bytestream.ByteStream/Read", false);
+    use crate::{calls::Kind, capacity::reservation};
+    let reserve = |kind: Kind| reservation(kind, opts.size);
+    let write = reserve(Kind::Upload).max(1);
+    let read = reserve(Kind::Download);
     let process: u64 = (0..opts.process_workers)
-        .map(|i| reserve("/memgate.v1.Payload/Process", i % 2 == 0))
+        .map(|i| {
+            reserve(if i % 2 == 0 {
+                Kind::ProcessEcho
+            } else {
+                Kind::Process
+            })
+        })
         .sum();
     let fixed = process + read * opts.download_workers as u64;
     let target = (opts.load_factor * budget as f64) as u64;
