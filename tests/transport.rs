@@ -383,11 +383,17 @@ fn grpc_frame(msg: &impl prost::Message) -> Bytes {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_over_the_per_client_cap_are_refused_before_they_reserve() {
     let s = Harness::start(|c| c.server.max_calls_per_client = 2).await;
+    // What each upload reserves once its first 1 MiB message has arrived.
     let write = match method_table(&s.cfg)
         .classify("/google.bytestream.ByteStream/Write")
         .estimate
     {
-        Estimate::Fixed(n) => n,
+        Estimate::Stream {
+            window,
+            messages,
+            overhead,
+            ..
+        } => window + overhead + messages * (1 << 20),
         other => panic!("{other:?}"),
     };
     // Two uploads from A that have sent their first chunk and wait.
