@@ -429,6 +429,12 @@ impl State {
         held > 0 && held.saturating_add(bytes) > self.limits.client_cap()
     }
 
+    /// Whether the share cap keeps `client` from `bytes` more now: it would be
+    /// over its share while another client holds memory or waits for it.
+    fn capped(&self, client: &str, bytes: u64) -> bool {
+        self.queue.others_active(client) && self.over_share(client, bytes)
+    }
+
     /// Whether a call of `bytes` would fit once a waiter's charge of `release`
     /// bytes goes (it becomes part of the call's reservation), the wait room
     /// kept free for the other waiters.
@@ -631,7 +637,11 @@ impl Budget {
                     limit: st.limits.limit,
                 });
             }
-            if st.waiting() == 0 && st.level_allows(bytes) && st.fits(bytes) {
+            if st.waiting() == 0
+                && st.level_allows(bytes)
+                && st.fits(bytes)
+                && !st.capped(client, bytes)
+            {
                 st.reserved += bytes;
                 st.queue.hold(client, bytes);
                 st.update_pressure();
@@ -827,10 +837,15 @@ impl Budget {
     pub(super) fn reclaim_inputs(&self) -> Option<super::reclaim::Demand> {
         let st = self.inner.lock();
         let over = st.overcommitted();
-        if st.waiting() == 0 && over == 0 {
+        let cap = st.limits.client_cap();
+        // A client over its share while another holds memory: the cap binds
+        // even when nobody waits at this moment.
+        let capped = st.limits.client_share < 1.0
+            && st.queue.holdings().count() > 1
+            && st.queue.holdings().any(|(_, held)| held > cap);
+        if st.waiting() == 0 && over == 0 && !capped {
             return None;
         }
-        let cap = st.limits.client_cap();
         // What the next waiter in turn still lacks once its charge is its own.
         let head = match st.growers.front() {
             Some(g) => Some((g.charged, g.needed)),

@@ -71,6 +71,11 @@ impl<W: Waiting> FairQueue<W> {
         self.clients.get(client).map_or(0, |c| c.held)
     }
 
+    /// Whether a client other than `client` holds memory or waits for it.
+    pub(super) fn others_active(&self, client: &str) -> bool {
+        self.clients.keys().any(|k| &**k != client)
+    }
+
     /// Clients with calls waiting, in turn order.
     pub(super) fn waiting_clients(&self) -> impl Iterator<Item = &Arc<str>> {
         self.turn.iter()
@@ -193,25 +198,34 @@ impl<W: Waiting> FairQueue<W> {
     }
 
     /// Whether `client`'s next call stays within `cap`: always when no other
-    /// client waits, and for a client holding nothing (a single call larger than
-    /// the share still gets its turn instead of starving).
+    /// client holds memory or waits for it, and for a client holding nothing
+    /// (a single call larger than the share still gets its turn instead of
+    /// starving). The cap protects clients that hold memory as well as those
+    /// that wait: a client already served is not crowded out of its next
+    /// message by a flooder's queued calls.
     fn within_share(&self, client: &str, cap: u64) -> bool {
         let Some(c) = self.clients.get(client) else {
             return true;
         };
         let needed = c.queue.front().map_or(0, Waiting::needed);
-        self.turn.len() <= 1 || c.held == 0 || c.held.saturating_add(needed) <= cap
+        let others_active = self.clients.len() > 1;
+        !others_active || c.held == 0 || c.held.saturating_add(needed) <= cap
     }
 
     /// Whose turn it is, and their next call: the first client in turn order
-    /// within its share (`cap` bytes); when every waiting client is over its
-    /// share, the front one (the cap then protects nobody).
+    /// within its share (`cap` bytes). When every waiting client is over its
+    /// share and no other client holds memory, the front one (the cap then
+    /// protects nobody); while another client holds memory, nobody over its
+    /// share is served.
     pub(super) fn next(&self, cap: u64) -> Option<(&Arc<str>, &W)> {
         let client = self
             .turn
             .iter()
             .find(|c| self.within_share(c, cap))
-            .or_else(|| self.turn.front())?;
+            .or_else(|| {
+                let everyone_waits = self.turn.len() == self.clients.len();
+                everyone_waits.then(|| self.turn.front()).flatten()
+            })?;
         let head = self.clients.get(client)?.queue.front()?;
         Some((client, head))
     }

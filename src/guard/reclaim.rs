@@ -7,9 +7,10 @@
 //! ends such streams instead, in this order, each list largest reservation
 //! first, and only as much as needed:
 //!
-//! 1. **share**: while another client waits, a client holding more than its
-//!    share (`max_client_share` of the budget) loses its quiet streams (waiting
-//!    on their client for [`QUIET_FOR_SHARE`]) until it is back within its share;
+//! 1. **share**: while another client waits or holds memory, a client holding
+//!    more than its share (`max_client_share` of the budget) loses its quiet
+//!    streams (waiting on their client for [`QUIET_FOR_SHARE`]) until it is back
+//!    within its share;
 //! 2. **overcommit**: while the budget is exceeded (the limit shrank below what
 //!    is reserved), quiet streams of anyone, and at critical pressure any
 //!    stream, until the reservations fit again;
@@ -111,12 +112,13 @@ pub fn plan(
     let mut by_size: Vec<&Candidate> = candidates.iter().collect();
     by_size.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(a.id.cmp(&b.id)));
 
-    // 1. Clients over their share while someone else waits.
+    // 1. Clients over their share while someone else waits or holds memory.
     if let Some(cap) = demand.cap {
         for c in &by_size {
-            let others_wait = demand.waiting.iter().any(|w| *w != c.client);
+            let others_active = demand.waiting.iter().any(|w| *w != c.client)
+                || demand.held.keys().any(|k| *k != c.client);
             let over = p.held.get(&c.client).is_some_and(|h| *h > cap);
-            if others_wait && over && c.quiet.is_some_and(|q| q >= QUIET_FOR_SHARE) {
+            if others_active && over && c.quiet.is_some_and(|q| q >= QUIET_FOR_SHARE) {
                 p.take(c, ReclaimReason::Share);
             }
         }
@@ -333,10 +335,25 @@ mod tests {
     }
 
     #[test]
-    fn nobody_else_waiting_means_no_share_reclaim() {
+    fn a_client_alone_keeps_what_it_holds() {
         let calls = [call(1, "flood", 150, Some(5000))];
         assert!(plan(&calls, &demand(&calls, &["flood"]), SEC).is_empty());
         assert!(plan(&calls, &demand(&calls, &[]), SEC).is_empty());
+    }
+
+    #[test]
+    fn another_client_holding_memory_is_protected_by_the_share_too() {
+        let calls = [
+            call(1, "flood", 60, Some(5000)),
+            call(2, "flood", 60, Some(5000)),
+            call(3, "good", 10, None),
+        ];
+        // Nobody waits, but the good client holds memory: the flooder's 120
+        // go down to its 100.
+        assert_eq!(
+            plan(&calls, &demand(&calls, &[]), SEC),
+            vec![(1, ReclaimReason::Share)]
+        );
     }
 
     #[test]
