@@ -1,6 +1,6 @@
 //! A memory limit that shrinks below what is held, as a Kubernetes in-place
 //! resize does with no signal: the real binary in a real 1 GiB memory cgroup, a
-//! burst of 8 uploads and 6 Process calls with echo (150 MB each), and, as soon
+//! burst of 8 uploads and 4 Process calls with echo (150 MB each), and, as soon
 //! as the guard has reserved more than a 512 MiB limit's budget, the cgroup's
 //! limit lowered to 512 MiB under it. It runs the bench crate's resize scenario,
 //! the same code as `memgate-bench resize`, and asserts its promises:
@@ -64,9 +64,7 @@ async fn limit_lowered_below_what_is_reserved() {
         // The kernel refuses a v1 limit below usage; usage falls as calls end.
         busy_timeout: Duration::from_secs(15),
         uploads: 8,
-        // Enough Process calls (each reserves one 143 MiB copy) that the
-        // reservations stay above the new budget while the kernel applies it.
-        process: 6,
+        process: 4,
         retry: RetryPolicy {
             max_attempts: 20,
             default_backoff: Duration::from_millis(250),

@@ -183,6 +183,10 @@ struct Cli {
     /// resize: put the old limit back this long after the lower one took effect.
     #[arg(long, value_parser = humantime::parse_duration)]
     resize_for: Option<Duration>,
+    /// resize: lower the limit as soon as the guard has reserved more than this
+    /// (--resize-at is then the latest moment); e.g. the new limit's budget.
+    #[arg(long)]
+    resize_when_reserved_above: Option<bytesize::ByteSize>,
 
     /// The JSON report (default: target/bench/<scenario>.json).
     #[arg(long)]
@@ -300,6 +304,7 @@ async fn run(cli: &Cli) -> anyhow::Result<bool> {
             resize_to: cli.resize_to.as_u64(),
             resize_at: cli.resize_at,
             resize_for: cli.resize_for,
+            resize_when_reserved_above: cli.resize_when_reserved_above.map(|b| b.as_u64()),
             uploads: cli.uploads.unwrap_or(8),
             process: cli.process.unwrap_or(4),
             size: cli.size.as_u64(),

@@ -651,7 +651,9 @@ impl Budget {
                     client: client.clone(),
                 }));
             }
-            if st.waiting() >= st.limits.queue_max {
+            // New calls only: admitted calls waiting to grow (a Write whose
+            // messages got larger) must not fill the queue for everyone else.
+            if st.queue.len() >= st.limits.queue_max {
                 return Err(busy(&st, bytes, BusyReason::QueueFull));
             }
             if st.queue.queued(client) >= st.limits.client_queue_max() {

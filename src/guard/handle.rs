@@ -17,7 +17,7 @@ use super::{
     discover::Roots,
     estimate::Estimator,
     layer::{AdmissionLayer, AdmissionObserver, NoObserver},
-    purge::Purger,
+    purge::{Purger, Timing},
     reclaim::{self, Holders},
     sampler::{self, Snapshot, Source},
 };
@@ -118,10 +118,16 @@ impl Guard {
         // large call: purge once the work stops, or at once under pressure.
         let weak = budget.downgrade();
         purger.defer_while(move || {
-            weak.upgrade().is_some_and(|b| {
-                let v = b.view();
-                v.pressure == Pressure::Normal && v.reserved > v.charges
-            })
+            let Some(v) = weak.upgrade().map(|b| b.view()) else {
+                return Timing::Urgent;
+            };
+            if v.pressure > Pressure::Normal {
+                Timing::Urgent
+            } else if v.reserved > v.charges {
+                Timing::Busy
+            } else {
+                Timing::Idle
+            }
         });
 
         let inner = Arc::new_cyclic(|weak: &std::sync::Weak<Inner>| {

@@ -9,9 +9,9 @@
 //! back-to-back 150 MB calls that was the guard's main cost (page faults, see
 //! docs/guard.md). So a purge asked for while other calls still hold memory
 //! and pressure is normal waits ([`Purger::defer_while`]) until the server has
-//! been without them for [`REUSE_WINDOW`]: memory freed while work goes on is
-//! reused by it, and it goes back to the OS once the work stops, or at once
-//! when pressure rises.
+//! been seen without them twice, [`REUSE_WINDOW`] apart: memory freed while
+//! work goes on is reused by it, and it goes back to the OS once the work
+//! stops, or at once when pressure rises.
 
 use std::{
     collections::HashSet,
@@ -48,7 +48,18 @@ pub struct PurgeStats {
 }
 
 type Action = dyn Fn() -> Result<PurgeOutcome, JemallocError> + Send + Sync;
-type Defer = dyn Fn() -> bool + Send + Sync;
+type Defer = dyn Fn() -> Timing + Send + Sync;
+
+/// What the server is doing, for when a purge may run ([`Purger::defer_while`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Timing {
+    /// Pressure is up: purge at once.
+    Urgent,
+    /// Calls hold memory: what a purge would hand back is being reused.
+    Busy,
+    /// Nothing holds memory: purge once it has stayed so for [`REUSE_WINDOW`].
+    Idle,
+}
 
 /// How long a deferred purge waits before it looks again whether the memory it
 /// would hand back is still being reused.
@@ -154,12 +165,14 @@ impl Purger {
         self.inner.is_some()
     }
 
-    /// Makes purges wait while `busy` says the memory they would hand back is
-    /// being reused (calls hold memory, pressure is normal), looking again
-    /// every [`REUSE_WINDOW`]. Set once; later calls are ignored.
-    pub fn defer_while(&self, busy: impl Fn() -> bool + Send + Sync + 'static) {
+    /// Makes purges follow `timing`: at once when it says [`Timing::Urgent`];
+    /// while it says [`Timing::Busy`], wait and look again every
+    /// [`REUSE_WINDOW`]; after it said [`Timing::Idle`] twice in a row, one
+    /// window apart. Back-to-back large calls then reuse each other's memory
+    /// instead of faulting it in again. Set once; later calls are ignored.
+    pub fn defer_while(&self, timing: impl Fn() -> Timing + Send + Sync + 'static) {
         if let Some(inner) = &self.inner {
-            let _ = inner.defer.set(Box::new(busy));
+            let _ = inner.defer.set(Box::new(timing));
         }
     }
 
@@ -257,15 +270,23 @@ impl Drop for Driving {
 /// Runs purges while requests keep coming, one per `min_interval` at most.
 async fn drive(mut driving: Driving) {
     let inner = driving.inner.clone();
+    // Whether the last look, one window ago, found the server idle.
+    let mut idle_before = false;
     loop {
         let next_allowed = inner.lock().next_allowed;
         if let Some(at) = next_allowed {
             tokio::time::sleep_until(at).await;
         }
-        if inner.defer.get().is_some_and(|busy| busy()) {
-            tokio::time::sleep(REUSE_WINDOW).await;
-            continue;
+        match inner.defer.get().map(|timing| timing()) {
+            None | Some(Timing::Urgent) => {}
+            Some(Timing::Idle) if idle_before => {}
+            Some(t) => {
+                idle_before = t == Timing::Idle;
+                tokio::time::sleep(REUSE_WINDOW).await;
+                continue;
+            }
         }
+        idle_before = false;
         {
             let mut state = inner.lock();
             if !state.pending {
@@ -336,6 +357,34 @@ mod tests {
         assert!((1..=2).contains(&stats.runs), "{stats:?}");
         assert_eq!(stats.bytes_released, stats.runs << 20);
         assert_eq!(stats.failures, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_purge_waits_while_calls_reuse_the_memory() {
+        let (purger, mut runs) = counting(false);
+        let timing = Arc::new(Mutex::new(Timing::Busy));
+        let t = timing.clone();
+        purger.defer_while(move || *t.lock().unwrap());
+        let t0 = Instant::now();
+        purger.request();
+        // Busy for two seconds: no purge.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(runs.try_recv().is_err(), "purged while calls held memory");
+        // Idle: it purges after two looks one window apart, not at once.
+        *timing.lock().unwrap() = Timing::Idle;
+        runs.recv().await.unwrap();
+        let waited = t0.elapsed() - Duration::from_secs(2);
+        assert!(
+            waited > Duration::ZERO && waited <= 2 * REUSE_WINDOW,
+            "purged {waited:?} after the calls ended"
+        );
+        // Under pressure a request purges at once (after the rate limit).
+        *timing.lock().unwrap() = Timing::Urgent;
+        tokio::time::sleep(INTERVAL).await;
+        let t1 = Instant::now();
+        purger.request();
+        runs.recv().await.unwrap();
+        assert_eq!(t1.elapsed(), Duration::ZERO);
     }
 
     #[tokio::test(start_paused = true)]

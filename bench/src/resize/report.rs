@@ -156,15 +156,22 @@ impl ResizeReport {
     fn check(&self) -> Vec<Check> {
         let f = &self.figures;
         let mut checks = Vec::new();
-        let lowered = matches!(
-            (f.reserved_when_seen, f.budget_after),
-            (Some(r), Some(b)) if r > b
-        );
+        // Below what was reserved when the guard saw the new limit, or, when
+        // the kernel took it at the first write, when it was asked for (the
+        // burst may shrink before the guard's next sample).
+        let taken_at_once = self.lower.applied_at.is_some() && self.lower.refused == 0;
+        let at_request = self.lower.reserved_at_request.filter(|_| taken_at_once);
+        let lowered = [f.reserved_when_seen, at_request]
+            .into_iter()
+            .flatten()
+            .zip(f.budget_after)
+            .any(|(r, b)| r > b)
+            || matches!((at_request, f.budget_after), (Some(r), Some(b)) if r > b);
         checks.push(Check {
             name: "the limit fell below what was reserved",
             passed: lowered,
             detail: format!(
-                "{}; when the guard saw it it had reserved {} against a budget of {}",
+                "{}; reserved {} when asked, {} when the guard saw it, against a budget of {}",
                 match (&self.lower.applied_at, &self.lower.error) {
                     (Some(t), _) => format!(
                         "{} applied at {t:.2} s after {} EBUSY refusal(s)",
@@ -174,6 +181,7 @@ impl ResizeReport {
                     (None, Some(e)) => format!("not applied: {e}"),
                     (None, None) => "not applied".into(),
                 },
+                fmt_mib(self.lower.reserved_at_request),
                 fmt_mib(f.reserved_when_seen),
                 fmt_mib(f.budget_after)
             ),
