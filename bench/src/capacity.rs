@@ -87,7 +87,8 @@ mod tests {
         let process = reservation(Kind::Process, size);
         let echo = reservation(Kind::ProcessEcho, size);
         assert!(process > size);
-        assert_eq!(echo - process, size, "an echo is one more copy");
+        // An echo is framed from the request's own bytes: no second copy.
+        assert_eq!(echo, process, "an echo reserves what Process does");
     }
 
     #[tokio::test]
