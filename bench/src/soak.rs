@@ -23,7 +23,7 @@ use crate::{calls::RetryPolicy, scenario::Conn};
 pub use analysis::{Burst, Check, IdleReading, SoakReport, Workers};
 pub use load::run;
 
-/// What a soak does; [`Default`] is the 30-minute run the README quotes.
+/// What a soak does; [`Default`] is the 30-minute run docs/measurements.md quotes.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct SoakOptions {
     /// How long bursts keep starting (setup and the last burst come on top).
