@@ -377,12 +377,9 @@ impl State {
 
     /// [`State::fits_charge`] once `evicted` bytes of other waiters' charges go.
     fn fits_charge_after_evicting(&self, evicted: u64, charge: u64) -> bool {
-        let charges = self.charges.saturating_sub(evicted);
-        let room_left = self.limits.wait_room.saturating_sub(charges);
-        let reserved = self.reserved.saturating_sub(evicted);
-        let committed = self.used.max(self.baseline.saturating_add(reserved));
-        charge <= room_left
-            || committed.saturating_add(room_left).saturating_add(charge) <= self.limits.budget
+        let room_left =
+            (self.limits.wait_room).saturating_sub(self.charges.saturating_sub(evicted));
+        charge <= room_left || self.fits_after_releasing(evicted, charge)
     }
 
     /// Bytes over the budget: reservations and the working set beyond a budget
@@ -439,13 +436,22 @@ impl State {
     /// bytes goes (it becomes part of the call's reservation), the wait room
     /// kept free for the other waiters.
     fn fits_after_releasing(&self, release: u64, bytes: u64) -> bool {
+        self.excess_after_releasing(release, bytes) == 0
+    }
+
+    /// How far a call of `bytes` would take the budget over once `release`
+    /// bytes of wait charges go (0: it fits), the wait room kept free for the
+    /// other waiters. The one admission formula: fitting, eviction and what
+    /// the reclaimer must free all ask it.
+    fn excess_after_releasing(&self, release: u64, bytes: u64) -> u64 {
         let reserved = self.reserved.saturating_sub(release);
-        let room_left = self
-            .limits
-            .wait_room
-            .saturating_sub(self.charges.saturating_sub(release));
-        let committed = self.used.max(self.baseline.saturating_add(reserved));
-        committed.saturating_add(room_left).saturating_add(bytes) <= self.limits.budget
+        let room_left =
+            (self.limits.wait_room).saturating_sub(self.charges.saturating_sub(release));
+        self.used
+            .max(self.baseline.saturating_add(reserved))
+            .saturating_add(room_left)
+            .saturating_add(bytes)
+            .saturating_sub(self.limits.budget)
     }
 
     fn waiting(&self) -> usize {
@@ -854,16 +860,7 @@ impl Budget {
             None => st.queue.next(cap).map(|(_, w)| (w.charged, w.needed)),
         };
         let lacking = head.map_or(0, |(charged, needed)| {
-            let reserved = st.reserved.saturating_sub(charged);
-            let room_left = st
-                .limits
-                .wait_room
-                .saturating_sub(st.charges.saturating_sub(charged));
-            st.used
-                .max(st.baseline.saturating_add(reserved))
-                .saturating_add(room_left)
-                .saturating_add(needed)
-                .saturating_sub(st.limits.budget)
+            st.excess_after_releasing(charged, needed)
         });
         Some(super::reclaim::Demand {
             waiting: st.queue.waiting_clients().cloned().collect(),
