@@ -177,19 +177,7 @@ async fn a_reclaimed_upload_resumes_at_once_to_a_verified_blob() {
     let mut c = bytestream(a);
     let (committed, complete) = query(&mut c, &name).await.expect("QueryWriteStatus");
     assert_eq!((committed, complete), (3 * MIB as i64, false));
-    let rest = write_requests(
-        &name,
-        &data.slice(committed as usize..),
-        committed as u64,
-        MIB as usize,
-        true,
-    );
-    let resp = c
-        .write(tokio_stream::iter(rest))
-        .await
-        .expect("the resumed upload");
-    assert_eq!(resp.into_inner().committed_size, data.len() as i64);
-    assert_eq!(read_digest(&mut c, &d.read_name()).await.expect("Read"), d);
+    resume_to_verified_blob(&mut c, &name, &data, committed).await;
     s.until("every reservation to come back", |v| v.reserved == 0)
         .await;
     s.stop().await;
@@ -286,19 +274,36 @@ async fn a_limit_shrinking_below_the_reservations_reclaims_and_recovers() {
     let mut c = bytestream(a);
     let (committed, _) = query(&mut c, &name).await.expect("QueryWriteStatus");
     assert_eq!(committed, 2 * MIB as i64);
+    s.until("the budget to be back", |v| v.budget > 64 * MIB)
+        .await;
+    resume_to_verified_blob(&mut c, &name, &data, committed).await;
+    s.stop().await;
+}
+
+/// Resumes the upload `name` of `data` at `committed` in 1 MiB messages, and
+/// checks that it completes and reads back with its digest.
+async fn resume_to_verified_blob(
+    c: &mut memgate::proto::bytestream::byte_stream_client::ByteStreamClient<
+        tonic::transport::Channel,
+    >,
+    name: &str,
+    data: &Bytes,
+    committed: i64,
+) {
     let rest = write_requests(
-        &name,
+        name,
         &data.slice(committed as usize..),
         committed as u64,
         MIB as usize,
         true,
     );
-    s.until("the budget to be back", |v| v.budget > 64 * MIB)
-        .await;
-    let resp = c.write(tokio_stream::iter(rest)).await.expect("resumed");
+    let resp = c
+        .write(tokio_stream::iter(rest))
+        .await
+        .expect("the resumed upload");
     assert_eq!(resp.into_inner().committed_size, data.len() as i64);
-    assert_eq!(read_digest(&mut c, &d.read_name()).await.expect("Read"), d);
-    s.stop().await;
+    let d = digest(data);
+    assert_eq!(read_digest(c, &d.read_name()).await.expect("Read"), d);
 }
 
 /// A Process call of `len` bytes (no echo); the digest it answers is checked.
