@@ -266,6 +266,13 @@ async fn sighup_applies_a_new_budget_and_keeps_it_when_the_file_is_broken() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(now, want, "new budget not applied:\n{}", m.log());
+    // The log line follows the change it reports: wait for it (bounded).
+    for _ in 0..500 {
+        if m.log().contains("configuration reloaded") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert!(m.log().contains("configuration reloaded"), "{}", m.log());
 
     std::fs::write(&m.config, "[memory]\nbudget_ratio = 7\n").unwrap();
